@@ -1,0 +1,3 @@
+from phiconvert.cli import main
+
+main()

@@ -1,0 +1,126 @@
+"""Command line: `phiconvert [MODEL] --target T --precision P ...` mirrors `phiconvert.convert(...)` one to one.
+
+Also `phiconvert setup NAME` (make a managed toolchain environment). Every failure is one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from phiconvert import envs, source, targets
+from phiconvert.errors import PhiconvertError
+from phiconvert.pipeline import convert
+
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+
+def gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="phiconvert",
+        description="Convert a Hugging Face Phi model into a deployment format and verify it against the source. "
+        "Other commands: `phiconvert setup NAME`.",
+    )
+    p.add_argument("model", nargs="?", help=f"Hub id, local folder, or bundled:NAME (default {source.DEFAULT_MODEL})")
+    p.add_argument("--target", default="openvino", choices=targets.names(), help="output format (default openvino)")
+    p.add_argument("--precision", help="weight precision; default depends on the target (e.g. openvino: int4)")
+    p.add_argument("--output", help="destination folder (default ./<model>-<target>-<precision>)")
+    p.add_argument("--group-size", type=int, help="quantization group size (target default when omitted)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric quantization")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric quantization")
+    p.add_argument("--calibration", help="calibration text, or a text file (paragraphs are samples)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logit comparison")
+    p.add_argument("--json", action="store_true", help="print the run's report as JSON on stdout")
+    return p
+
+
+class StageLines:
+    """A spinner while a stage runs, then one permanent line with its time and the worker's peak memory."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        name = event["stage"]
+        if event["status"] == "start":
+            self.tasks[name] = self.progress.add_task(name)
+        elif name in self.tasks:
+            self.progress.remove_task(self.tasks.pop(name))
+            peak = f"peak {gib(event['peak_rss'])}" if event.get("peak_rss") else ""
+            self.console.print(f"[green]✓[/] {name:<16} {event['seconds']:7.1f} s  {peak}", highlight=False)
+
+
+def summary(report: dict[str, Any]) -> Table:
+    fidelity = report.get("fidelity") or {}
+    table = Table(title=f"{report['target']} {report['precision']} → {report.get('output', '')}")
+    for column in ("size", "time", "peak RSS", "top-1", "KL", "PPL Δ", "greedy = source", "stops at <|end|>"):
+        table.add_column(column, justify="right")
+    peak = max((v for v in report["peak_rss"].values() if v), default=None)
+    table.add_row(
+        gib(report["size_bytes"]),
+        f"{report['seconds']:.1f} s",
+        gib(peak),
+        f"{fidelity['top1']:.3f}" if fidelity else "-",
+        f"{fidelity['kl']:.4f}" if fidelity else "-",
+        f"{fidelity['ppl_delta']:+.2f} ({fidelity['ppl_pct']:+.1f}%)" if fidelity else "-",
+        ("yes" if fidelity["greedy_match"] else "no") if fidelity else "-",
+        "yes" if report["smoke"]["stopped_at_eot"] else "no",
+    )
+    return table
+
+
+def run_convert(argv: list[str]) -> int:
+    args = convert_parser().parse_args(argv)
+    console = Console(stderr=True)
+    options = {k: v for k, v in vars(args).items() if k != "json"}
+    lines = StageLines(console)
+    with lines.progress:
+        report = convert(**options, progress=lines)
+    console.print(summary(report))
+    console.print(f"reply: {report['smoke']['text']!r}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def run_setup(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="phiconvert setup", description="Create a managed toolchain environment.")
+    p.add_argument("name", choices=envs.names() or None)
+    args = p.parse_args(argv)
+    python = envs.setup(args.name, echo=lambda line: print(line, file=sys.stderr))
+    print(python)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"setup": run_setup}
+    run = commands.get(argv[0]) if argv else None
+    try:
+        code = run(argv[1:]) if run else run_convert(argv)
+    except PhiconvertError as error:
+        code, message = EXIT_ERROR, str(error)
+    except KeyboardInterrupt:
+        code, message = EXIT_INTERRUPTED, "interrupted; nothing was written"
+    else:
+        sys.exit(code)
+    print(f"error: {message}", file=sys.stderr)
+    if "--json" in argv:
+        print(json.dumps({"error": message}))
+    sys.exit(code)

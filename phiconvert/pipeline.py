@@ -1,0 +1,250 @@
+"""convert(): one source model → one verified artifact, written beside its destination and renamed into place.
+
+Stages: resolve and stage the source → torch reference (held-out logits, greedy chat reply) → export, smoke test
+and artifact logits in the target's worker → compare against the precision's bound → phiconvert.json → rename.
+Nothing is left at the destination unless every stage passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from phiconvert import __version__, envs, source, targets
+from phiconvert.errors import PhiconvertError
+from phiconvert.verify import bound_for, compare
+from phiconvert.worker import load_logits, timed_stage
+
+HELDOUT = source.FIXTURES / "heldout.txt"
+CALIBRATION = source.FIXTURES / "calibration.txt"
+MESSAGES = [{"role": "user", "content": "What is a list comprehension?"}]
+MAX_NEW_TOKENS = 48
+# (start, length) token windows of the held-out text: one short, one past tiny-phi4mini's original context (128),
+# so longrope's short and long factors are both checked.
+WINDOWS = ((0, 64), (64, 384))
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def convert(
+    model: str | None = None,
+    target: str = "openvino",
+    precision: str | None = None,
+    output: str | Path | None = None,
+    group_size: int | None = None,
+    sym: bool | None = None,
+    calibration: str | None = None,
+    force: bool = False,
+    verify: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Convert ``model`` for ``target`` at ``precision`` and prove it; returns the report (also phiconvert.json)."""
+    emit = progress or (lambda event: None)
+    adapter = targets.load(target)
+    precision = precision or adapter.default_precision
+    if precision not in adapter.precisions:
+        raise PhiconvertError(
+            f"target '{target}' cannot do precision '{precision}'; it supports: {', '.join(adapter.precisions)}"
+        )
+    options = _target_options(adapter, group_size=group_size, sym=sym)
+    if adapter.check:
+        adapter.check(precision, options)
+    python = _worker_python(adapter)
+    src = source.resolve(model)
+    samples = calibration_samples(calibration)
+    destination = Path(output or f"{src.name}-{target}-{precision}").expanduser().resolve()
+    if destination.exists() and not force:
+        raise PhiconvertError(f"output {destination} exists; pass --force to replace it")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+
+    temp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.phiconvert-", dir=destination.parent))
+    started = time.perf_counter()
+    try:
+        staging = source.stage(src, temp / "staging")
+        artifact, work = temp / "artifact", temp / "work"
+        artifact.mkdir()
+        work.mkdir()
+        base_job = {"source": str(staging), "messages": MESSAGES, "max_new_tokens": MAX_NEW_TOKENS}
+        reference = None
+        if verify:
+            reference = _run_worker(
+                sys.executable,
+                {**base_job, "kind": "reference", "text_file": str(HELDOUT), "windows": WINDOWS,
+                 "logits_out": str(work / "source.npz")},
+                work, "reference", emit,
+            )  # fmt: skip
+        job = {
+            **base_job,
+            "kind": "target",
+            "target": target,
+            "precision": precision,
+            "options": options,
+            "calibration": samples,
+            "output": str(artifact),
+            "work": str(work / "target"),
+            "sequences": reference["result"]["sequences"] if reference else None,
+            "logits_out": str(work / "artifact.npz"),
+        }
+        (work / "target").mkdir()
+        result = _run_worker(str(python), job, work, target, emit)
+        report = timed_stage(
+            emit, "verify", _report, src, adapter, precision, options, artifact, reference, result, work
+        )
+        report["seconds"] = time.perf_counter() - started
+        (artifact / "phiconvert.json").write_text(json.dumps(report, indent=2) + "\n")
+        if report["fidelity"] and not report["fidelity"]["passed"]:
+            reasons = "; ".join(report["fidelity"]["failures"])
+            raise PhiconvertError(f"verification failed for {target} {precision}: {reasons}")
+        _move_into_place(artifact, destination)
+        report["output"] = str(destination)
+        return report
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def calibration_samples(calibration: str | None) -> list[str]:
+    """Calibration strings: a text file's or a literal text's paragraphs; the bundled text when none is given."""
+    if calibration is None:
+        text = CALIBRATION.read_text()
+    elif Path(calibration).expanduser().is_file():
+        text = Path(calibration).expanduser().read_text()
+    else:
+        text = calibration
+    samples = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not samples:
+        raise PhiconvertError("calibration text is empty")
+    return samples
+
+
+def _target_options(adapter: targets.Target, **given: Any) -> dict[str, Any]:
+    """The options the target declares, refusing ones it would silently ignore."""
+    for name, value in given.items():
+        if value is not None and name not in adapter.options:
+            flag = "--" + name.replace("_", "-")
+            raise PhiconvertError(f"{flag} does not apply to target '{adapter.name}'")
+    return {name: given.get(name) for name in adapter.options}
+
+
+def _worker_python(adapter: targets.Target) -> str:
+    """This interpreter when it has the toolchain, else the target's managed environment, else a clear error."""
+    missing = targets.missing_modules(adapter)
+    if not missing:
+        return sys.executable
+    if adapter.environment and envs.python(adapter.environment):
+        return str(envs.python(adapter.environment))
+    hint = f'pip install "phiconvert[{adapter.extra}]"'
+    if adapter.environment:
+        hint = f"phiconvert setup {adapter.environment}"
+    raise PhiconvertError(f"target '{adapter.name}' needs: {hint} (missing: {', '.join(missing)})")
+
+
+def _run_worker(python: str, job: dict[str, Any], work: Path, label: str, emit: Progress) -> dict[str, Any]:
+    """Run one worker process to completion, relaying its stage events; return its final result event."""
+    job_file = work / f"{label}.job.json"
+    log_file = work / f"{label}.log"
+    job_file.write_text(json.dumps(job))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
+    final: dict[str, Any] = {}
+    stages: list[dict[str, Any]] = []
+    with log_file.open("w") as log:
+        process = subprocess.Popen(
+            [python, "-m", "phiconvert.worker", str(job_file)], stdout=subprocess.PIPE, stderr=log, text=True, env=env
+        )
+        try:
+            for line in process.stdout:
+                event = json.loads(line)
+                if "stage" in event:
+                    emit({**event, "worker": label})
+                    if event["status"] == "done":
+                        stages.append({k: event[k] for k in ("stage", "seconds", "peak_rss")})
+                else:
+                    final = event
+            process.wait()
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+    if "result" in final:
+        return {**final, "stages": stages}
+    kept = _keep_log(log_file, label)
+    if "error" in final:
+        raise PhiconvertError(f"{label}: {final['error']} (log: {kept})")
+    code = process.returncode
+    why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    raise PhiconvertError(f"{label}: worker crashed with {why} (log: {kept})")
+
+
+def _keep_log(log_file: Path, label: str) -> Path:
+    """Copy a failed worker's log out of the temporary folder, which is about to be removed."""
+    logs = envs.cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    kept = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}.log"
+    shutil.copyfile(log_file, kept)
+    return kept
+
+
+def _report(
+    src: source.Source,
+    adapter: targets.Target,
+    precision: str,
+    options: dict[str, Any],
+    artifact: Path,
+    reference: dict[str, Any] | None,
+    target_run: dict[str, Any],
+    work: Path,
+) -> dict[str, Any]:
+    result = target_run["result"]
+    fidelity = None
+    if reference is not None:
+        sequences = reference["result"]["sequences"]
+        numbers = compare(load_logits(work / "source.npz"), load_logits(work / "artifact.npz"), sequences)
+        bound = bound_for(precision)
+        failures = numbers.failures(bound)
+        source_text = reference["result"]["smoke"]["text"]
+        fidelity = {
+            **numbers.to_dict(),
+            "bound": bound.__dict__,
+            "passed": not failures,
+            "failures": failures,
+            "greedy_match": result["smoke"]["text"].strip() == source_text.strip(),
+            "source_reply": source_text,
+            "windows": [list(w) for w in WINDOWS],
+        }
+    files = [p for p in artifact.rglob("*") if p.is_file()]
+    return {
+        "phiconvert": __version__,
+        "source": {"model": src.model, "path": str(src.path), "layout": src.layout,
+                   "architecture": src.config.get("architectures", ["?"])[0]},
+        "target": adapter.name,
+        "precision": precision,
+        "options": options,
+        "toolchain": result.get("versions", {}),
+        "size_bytes": sum(p.stat().st_size for p in files),
+        "files": sorted(str(p.relative_to(artifact)) for p in files),
+        "stages": (reference or {}).get("stages", []) + target_run["stages"],
+        "peak_rss": {"target": target_run.get("peak_rss"), "reference": (reference or {}).get("peak_rss")},
+        "smoke": {"messages": MESSAGES, **result["smoke"]},
+        "fidelity": fidelity,
+        "details": result["details"],
+    }  # fmt: skip
+
+
+def _move_into_place(artifact: Path, destination: Path) -> None:
+    """Rename the verified artifact to its destination, replacing an old one only now (--force)."""
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.phiconvert-old")
+        destination.rename(old)
+        artifact.rename(destination)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        artifact.rename(destination)

@@ -1,0 +1,94 @@
+"""The one small interface every target adapter implements, and the registry of targets.
+
+A target module defines a module-level ``TARGET = Target(...)``. Its three functions run inside a worker
+process (``phiconvert.worker``) with the target's own toolchain importable; the parent process imports only
+this file and the target's metadata, never the toolchain, so a missing extra is a clean error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phiconvert.errors import PhiconvertError
+
+# Target name -> module under phiconvert.targets. Adding a target adds one line here and one module.
+MODULES = {
+    "openvino": "openvino",
+    "ort-genai": "ort_genai",
+    "mlx": "mlx",
+    "gguf": "gguf",
+    "gptq": "gptq",
+    "awq": "awq",
+    "bnb": "bnb",
+    "torchao": "torchao",
+}
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """What a target's ``export`` gets: the normalised staging copy of the source and where to write."""
+
+    source: Path  # staging folder: canonical config.json (hub layout) + links to weights and tokenizer files
+    output: Path  # empty folder to fill with the artifact
+    precision: str
+    options: dict[str, Any]  # only the options the target declared, with None for "target default"
+    calibration: list[str]  # calibration samples (never empty; the built-in text when the user gave none)
+    work: Path  # scratch folder for intermediates (removed after the run)
+
+
+@dataclass(frozen=True)
+class Smoke:
+    """Result of generating greedily from the chat-templated prompt in the artifact's own runtime."""
+
+    text: str  # the new text only, decoded, without the end-of-turn token
+    tokens: int  # number of new tokens generated (end-of-turn token included if it was produced)
+    stopped_at_eot: bool  # True when generation ended on an end-of-turn / eos token
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    extra: str  # pip extra: pip install "phiconvert[<extra>]"
+    modules: tuple[str, ...]  # import names that must be importable for the target to run
+    packages: tuple[str, ...]  # distributions whose versions go into phiconvert.json
+    precisions: tuple[str, ...]
+    default_precision: str
+    # export(job) -> details for the report (real bits per weight, layers kept in full precision, ...)
+    export: Callable[[ExportJob], dict[str, Any]]
+    # smoke(artifact, messages, max_new_tokens) -> Smoke; must apply the artifact's chat template itself
+    smoke: Callable[[Path, list[dict[str, str]], int], Smoke]
+    # logits(artifact, sequences) -> one float32 array (len(ids), vocab) per sequence of token ids
+    logits: Callable[[Path, list[list[int]]], list[np.ndarray]]
+    # options beyond precision that this target accepts (names of phiconvert.convert keyword arguments)
+    options: tuple[str, ...] = ()
+    # precision -> one line on what it is, shown in --help and errors
+    notes: dict[str, str] = field(default_factory=dict)
+    # check(precision, options): refuse a combination the target cannot do, before any work starts
+    check: Callable[[str, dict[str, Any]], None] | None = None
+    # name of a phiconvert-managed environment (`phiconvert setup NAME`) whose interpreter runs the worker
+    # when this environment lacks the toolchain (its pins conflict with the main environment's)
+    environment: str | None = None
+
+
+def names() -> list[str]:
+    return list(MODULES)
+
+
+def load(name: str) -> Target:
+    """Import a target's adapter module (cheap: adapters import their toolchain lazily, inside functions)."""
+    if name not in MODULES:
+        raise PhiconvertError(f"unknown target '{name}'; choose one of: {', '.join(MODULES)}")
+    module = importlib.import_module(f"phiconvert.targets.{MODULES[name]}")
+    return module.TARGET
+
+
+def missing_modules(target: Target) -> list[str]:
+    """Toolchain modules that are not importable in this environment."""
+    return [m for m in target.modules if importlib.util.find_spec(m.split(".")[0]) is None]

@@ -1,0 +1,150 @@
+"""OpenVINO IR with NNCF weight compression, for Intel CPUs, GPUs and NPUs (optimum-intel, openvino-genai).
+
+Export goes through optimum-intel's Python API, never `main_export(..., ov_config=OVConfig(quantization_config))`,
+which silently writes an unquantized model; int4 is data-aware (AWQ + scale estimation) on our calibration text.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phiconvert.errors import PhiconvertError
+from phiconvert.source import parameter_count
+from phiconvert.targets import ExportJob, Smoke, Target
+
+TASK = "text-generation-with-past"
+# This CPU plugin defaults to bf16 inference and dynamic quantization; verification wants the IR's own numbers.
+EXACT = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+TOKENIZER_FILES = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
+MAX_CALIBRATION_SAMPLES = 128
+
+
+def int4_defaults(config: dict[str, Any]) -> tuple[int, bool]:
+    """(group size, symmetric) for int4: Phi-4-mini's known-good asym/64, else optimum-intel's asym/128."""
+    phi4_mini_like = config.get("partial_rotary_factor", 1.0) < 1.0
+    return (64 if phi4_mini_like else 128), False
+
+
+def check(precision: str, options: dict[str, Any]) -> None:
+    if precision != "int4" and options.get("group_size"):
+        raise PhiconvertError(f"openvino {precision} is per-channel; --group-size applies to int4 only")
+    if precision == "fp16" and options.get("sym") is not None:
+        raise PhiconvertError("openvino fp16 is not quantized; --sym/--asym apply to int4 and int8")
+
+
+def export(job: ExportJob) -> dict[str, Any]:
+    from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig, OVModelForCausalLM, OVWeightQuantizationConfig
+
+    config = json.loads((job.source / "config.json").read_text())
+    group_size, sym = job.options["group_size"], job.options["sym"]
+    settings: dict[str, Any] = {"weight_format": job.precision}
+    ir = job.work / "ir"
+    # fp16 is the export's own weight format; int4/int8 start from the checkpoint's dtype and are compressed next.
+    dtype = "fp16" if job.precision == "fp16" else "auto"
+    main_export(str(job.source), output=ir, task=TASK, ov_config=OVConfig(dtype=dtype), convert_tokenizer=True)
+    missing = [name for name in TOKENIZER_FILES if not (ir / name).exists()]
+    if missing:
+        raise PhiconvertError(f"openvino-tokenizers could not convert this tokenizer ({', '.join(missing)} missing)")
+
+    if job.precision == "fp16":
+        shutil.copytree(ir, job.output, dirs_exist_ok=True)
+        return {"settings": settings, **weight_summary(job.output, parameter_count(job.source))}
+
+    if job.precision == "int4":
+        default_group, default_sym = int4_defaults(config)
+        group_size = group_size or default_group
+        sym = default_sym if sym is None else sym
+        quantization = OVWeightQuantizationConfig(
+            bits=4,
+            sym=sym,
+            group_size=group_size,
+            ratio=1.0,
+            awq=True,
+            scale_estimation=True,
+            dataset=job.calibration[:MAX_CALIBRATION_SAMPLES],
+            tokenizer=str(job.source),
+            num_samples=min(len(job.calibration), MAX_CALIBRATION_SAMPLES),
+        )
+        settings |= {"group_size": group_size, "sym": sym, "ratio": 1.0, "awq": True, "scale_estimation": True,
+                     "calibration_samples": min(len(job.calibration), MAX_CALIBRATION_SAMPLES)}  # fmt: skip
+    else:  # int8: per-channel, data-free
+        sym = bool(sym)
+        quantization = OVWeightQuantizationConfig(bits=8, sym=sym)
+        settings |= {"group_size": -1, "sym": sym}
+
+    model = OVModelForCausalLM.from_pretrained(ir, compile=False, quantization_config=quantization)
+    model.save_pretrained(job.output)
+    for item in ir.iterdir():  # tokenizer IRs, HF tokenizer files, chat template, generation config
+        if not (job.output / item.name).exists():
+            shutil.copy2(item, job.output / item.name)
+    return {"settings": settings, **weight_summary(job.output, parameter_count(job.source))}
+
+
+def weight_summary(artifact: Path, parameters: int) -> dict[str, Any]:
+    """What compression really did: integer weight constants by type, and bits per source parameter."""
+    import openvino as ov
+
+    integer: dict[str, int] = {}
+    for op in ov.Core().read_model(artifact / "openvino_model.xml").get_ops():
+        kind = op.get_element_type().get_type_name() if op.get_type_name() == "Constant" else ""
+        if kind in ("u4", "i4", "u8", "i8") and len(op.shape) >= 2:
+            integer[kind] = integer.get(kind, 0) + 1
+    bits = 8 * (artifact / "openvino_model.bin").stat().st_size / parameters
+    return {"integer_constants": integer, "bits_per_weight": round(bits, 3)}
+
+
+def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
+    import openvino_genai as ov_genai
+
+    pipe = ov_genai.LLMPipeline(str(artifact), "CPU", **EXACT)
+    tokenizer = pipe.get_tokenizer()
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = tokenizer.encode(prompt, add_special_tokens=False)
+    config = pipe.get_generation_config()  # from the artifact: its end-of-turn ids must be there
+    config.max_new_tokens = max_new_tokens
+    config.do_sample = False
+    config.apply_chat_template = False
+    tokens = list(pipe.generate(inputs, config).tokens[0])
+    stop = set(config.stop_token_ids) | {config.eos_token_id}
+    stopped = len(tokens) < max_new_tokens or (bool(tokens) and tokens[-1] in stop)
+    text = tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True)
+    return Smoke(text=text, tokens=len(tokens), stopped_at_eot=stopped)
+
+
+def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
+    import torch
+    from optimum.intel import OVModelForCausalLM
+
+    model = OVModelForCausalLM.from_pretrained(artifact, ov_config=EXACT)
+    out = []
+    for ids in sequences:  # no past: each call starts from a reset state
+        tensor = torch.tensor([ids])
+        with torch.no_grad():
+            out.append(model(input_ids=tensor, attention_mask=torch.ones_like(tensor)).logits[0].float().numpy())
+    return out
+
+
+TARGET = Target(
+    name="openvino",
+    extra="openvino",
+    modules=("openvino", "optimum.intel", "nncf", "openvino_genai", "openvino_tokenizers"),
+    packages=("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "nncf", "transformers", "torch"),
+    precisions=("int4", "int8", "fp16"),
+    default_precision="int4",
+    export=export,
+    smoke=smoke,
+    logits=logits,
+    options=("group_size", "sym"),
+    check=check,
+    notes={
+        "int4": "data-aware AWQ + scale estimation; asym, group 64 for Phi-4-mini-like models, else 128",
+        "int8": "per-channel asymmetric, data-free",
+        "fp16": "fp16 weights, no quantization",
+    },
+)

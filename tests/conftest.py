@@ -1,0 +1,53 @@
+"""Shared test helpers: the bundled fixtures in either config layout, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from phiconvert.source import FIXTURES
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE_NAMES = ("tiny-phi3", "tiny-phi4mini")
+
+
+def checkpoint(tmp_path: Path, name: str, layout: str = "hub", edit=None) -> Path:
+    """A copy of a bundled fixture (weights linked) with the config of ``layout``, optionally edited."""
+    src = FIXTURES / name
+    folder = tmp_path / f"{name}-{layout}"
+    folder.mkdir()
+    for item in src.iterdir():
+        if not item.name.startswith("config."):
+            (folder / item.name).symlink_to(item)
+    config_file = "config.json" if layout == "hub" else "config.transformers5.json"
+    config = json.loads((src / config_file).read_text())
+    if edit:
+        edit(config)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Anything a run left in ``folder`` (temporary folders are hidden, so list everything)."""
+    return sorted(p.name for p in folder.iterdir())
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "phiconvert", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        timeout=900,
+    )
+
+
+@pytest.fixture(params=FIXTURE_NAMES)
+def fixture_name(request) -> str:
+    return request.param
