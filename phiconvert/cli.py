@@ -1,6 +1,7 @@
 """Command line: `phiconvert [MODEL] --target T --precision P ...` mirrors `phiconvert.convert(...)` one to one.
 
-Also `phiconvert setup NAME` (make a managed toolchain environment). Every failure is one line and a non-zero exit.
+Also `phiconvert doctor` (this machine, its default target, each toolchain's state) and `phiconvert setup NAME`
+(make a managed toolchain environment). Every failure is one line and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -8,13 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
+from importlib import metadata
 from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from phiconvert import envs, source, targets
+from phiconvert import envs, hardware, source, targets
 from phiconvert.errors import PhiconvertError
 from phiconvert.pipeline import convert
 
@@ -29,10 +32,15 @@ def convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="phiconvert",
         description="Convert a Hugging Face Phi model into a deployment format and verify it against the source. "
-        "Other commands: `phiconvert setup NAME`.",
+        "Other commands: `phiconvert doctor`, `phiconvert setup NAME`.",
     )
     p.add_argument("model", nargs="?", help=f"Hub id, local folder, or bundled:NAME (default {source.DEFAULT_MODEL})")
-    p.add_argument("--target", default="openvino", choices=targets.names(), help="output format (default openvino)")
+    p.add_argument(
+        "--target",
+        default="openvino",
+        choices=["auto", *targets.names()],
+        help="output format (default openvino); auto: the best format for this machine",
+    )
     p.add_argument("--precision", help="weight precision; default depends on the target (e.g. openvino: int4)")
     p.add_argument("--output", help="destination folder (default ./<model>-<target>-<precision>)")
     p.add_argument("--group-size", type=int, help="quantization group size (target default when omitted)")
@@ -58,7 +66,9 @@ class StageLines:
 
     def __call__(self, event: dict[str, Any]) -> None:
         name = event["stage"]
-        if event["status"] == "start":
+        if event["status"] == "note":
+            self.console.print(event["message"], highlight=False)
+        elif event["status"] == "start":
             self.tasks[name] = self.progress.add_task(name)
         elif name in self.tasks:
             self.progress.remove_task(self.tasks.pop(name))
@@ -108,9 +118,56 @@ def run_setup(argv: list[str]) -> int:
     return 0
 
 
+def run_doctor(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="phiconvert doctor", description="This machine, its default target, and "
+                                "whether each target's toolchain is ready.")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
+    args = p.parse_args(argv)
+    machine = hardware.probe()
+    choice = hardware.recommend(machine)
+    rows = [toolchain_status(targets.load(name)) for name in targets.names()]
+    if args.json:
+        print(json.dumps({"machine": asdict(machine), "recommendation": asdict(choice), "targets": rows}, indent=2))
+        return 0
+    console = Console()
+    table = Table(title="This machine", show_header=False)
+    for label, value in [*hardware.describe(machine), ("Default target", f"{choice.target} {choice.precision}")]:
+        table.add_row(label, value)
+    console.print(table)
+    console.print(f"--target auto: {choice.reason}", highlight=False)
+    table = Table(title="Targets")
+    for column in ("target", "ready", "precisions", "toolchain", "to make it ready"):
+        table.add_column(column)
+    for row in rows:
+        versions = ", ".join(f"{k} {v}" for k, v in row["versions"].items())
+        table.add_row(row["target"], "yes" if row["ready"] else "no", ", ".join(row["precisions"]), versions,
+                      row["fix"])  # fmt: skip
+    console.print(table)
+    return 0
+
+
+def toolchain_status(target: targets.Target) -> dict[str, Any]:
+    """Whether a target can run here (this environment, or its managed one) and what makes it ready."""
+    missing = targets.missing_modules(target)
+    managed = envs.python(target.environment) if target.environment else None
+    ready = not missing or managed is not None
+    versions = {}
+    for package in target.packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    if managed:
+        versions["environment"] = str(managed.parent.parent)
+    fix = "" if ready else f"phiconvert setup {target.environment}" if target.environment else (
+        f'pip install "phiconvert[{target.extra}]"')  # fmt: skip
+    return {"target": target.name, "ready": ready, "missing": missing, "precisions": list(target.precisions),
+            "versions": versions, "fix": fix}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"setup": run_setup}
+    commands = {"setup": run_setup, "doctor": run_doctor}
     run = commands.get(argv[0]) if argv else None
     try:
         code = run(argv[1:]) if run else run_convert(argv)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from phiconvert import __version__, envs, source, targets
+from phiconvert import __version__, envs, hardware, source, targets
 from phiconvert.errors import PhiconvertError
 from phiconvert.verify import bound_for, compare
 from phiconvert.worker import load_logits, timed_stage
@@ -38,7 +38,7 @@ Progress = Callable[[dict[str, Any]], None]
 
 def convert(
     model: str | None = None,
-    target: str = "openvino",
+    target: str = "openvino",  # or "auto": the hardware detector's choice for this machine
     precision: str | None = None,
     output: str | Path | None = None,
     group_size: int | None = None,
@@ -50,6 +50,12 @@ def convert(
 ) -> dict[str, Any]:
     """Convert ``model`` for ``target`` at ``precision`` and prove it; returns the report (also phiconvert.json)."""
     emit = progress or (lambda event: None)
+    auto = None
+    if target == "auto":
+        recommendation = hardware.recommend(hardware.probe())
+        target, precision = recommendation.target, precision or recommendation.precision
+        auto = recommendation.reason
+        emit({"stage": "auto", "status": "note", "message": f"--target auto: {auto}"})
     adapter = targets.load(target)
     precision = precision or adapter.default_precision
     if precision not in adapter.precisions:
@@ -101,6 +107,7 @@ def convert(
             emit, "verify", _report, src, adapter, precision, options, artifact, reference, result, work
         )
         report["seconds"] = time.perf_counter() - started
+        report["auto"] = auto
         (artifact / "phiconvert.json").write_text(json.dumps(report, indent=2) + "\n")
         if report["fidelity"] and not report["fidelity"]["passed"]:
             reasons = "; ".join(report["fidelity"]["failures"])

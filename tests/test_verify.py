@@ -33,7 +33,10 @@ def test_identical_logits_pass_every_bound():
 
 
 def drop_partial_rotary(config):
+    """Rotate the whole head, as a backend that ignores partial_rotary_factor does (factors padded to fit)."""
     config.pop("partial_rotary_factor")
+    for key in ("short_factor", "long_factor"):
+        config["rope_scaling"][key] += [1.0] * 8
 
 
 def long_factor_everywhere(config):

@@ -1,0 +1,85 @@
+"""OpenVINO through the whole pipeline: both fixtures × int4/int8/fp16, verified, with fidelity bounds asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FIXTURE_NAMES, checkpoint
+
+from phiconvert import convert
+from phiconvert.verify import bound_for
+
+pytestmark = pytest.mark.slow
+PRECISIONS = ("int4", "int8", "fp16")
+_done: dict[tuple[str, str], dict] = {}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Convert each (fixture, precision) once for all the tests of this module."""
+
+    def get(name: str, precision: str) -> dict:
+        if (name, precision) not in _done:
+            out = tmp_path_factory.mktemp("ov") / f"{name}-{precision}"
+            _done[name, precision] = convert(f"bundled:{name}", target="openvino", precision=precision, output=out)
+        return _done[name, precision]
+
+    return get
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_conversion_is_verified_within_bounds(converted, name, precision):
+    report = converted(name, precision)
+    fidelity, bound = report["fidelity"], bound_for(precision)
+    assert fidelity["passed"], fidelity["failures"]
+    assert fidelity["worst_top1"] >= bound.top1
+    assert fidelity["worst_kl"] <= bound.kl
+    assert fidelity["ppl_pct"] <= bound.ppl_pct
+    assert fidelity["positions"] == 64 + 384
+    assert report["smoke"]["stopped_at_eot"], "the artifact did not stop at <|end|>"
+    if precision != "int4":
+        assert fidelity["greedy_match"], (report["smoke"]["text"], fidelity["source_reply"])
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_artifact_is_complete_and_reported(converted, precision):
+    report = converted("tiny-phi4mini", precision)
+    out = report["output"]
+    on_disk = json.loads(open(f"{out}/phiconvert.json").read())
+    assert on_disk["fidelity"] == report["fidelity"]
+    for name in ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml", "phiconvert.json"):
+        assert name in report["files"]
+    assert report["toolchain"]["openvino"] and report["toolchain"]["nncf"]
+    assert [s["stage"] for s in report["stages"]] == [
+        "load source", "source logits", "source chat", "export", "smoke test", "artifact logits"
+    ]  # fmt: skip
+    bits = report["details"]["bits_per_weight"]
+    assert {"int4": 4 < bits < 7, "int8": 8 <= bits < 9, "fp16": 16 <= bits < 16.1}[precision], bits
+
+
+def test_int4_settings_follow_the_model(converted):
+    assert converted("tiny-phi4mini", "int4")["details"]["settings"]["group_size"] == 64  # Phi-4-mini's known-good
+    assert converted("tiny-phi3", "int4")["details"]["settings"]["group_size"] == 128
+    assert converted("tiny-phi3", "int4")["details"]["integer_constants"].get("u4")
+
+
+def test_both_config_layouts_give_identical_artifacts(converted, tmp_path):
+    hub = converted("tiny-phi4mini", "int8")
+    folder = checkpoint(tmp_path, "tiny-phi4mini", layout="transformers5")
+    tf5 = convert(str(folder), target="openvino", precision="int8", output=tmp_path / "tf5")
+    assert tf5["source"]["layout"] == "transformers5" and hub["source"]["layout"] == "hub"
+    for name in ("openvino_model.bin", "openvino_model.xml", "openvino_tokenizer.bin"):
+        assert (tmp_path / "tf5" / name).read_bytes() == open(f"{hub['output']}/{name}", "rb").read(), name
+    assert tf5["fidelity"] == hub["fidelity"]
+
+
+def test_force_replaces_only_after_verification(converted, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    report = convert("bundled:tiny-phi3", target="openvino", precision="int8", output=out, force=True)
+    assert not (out / "old.txt").exists() and (out / "openvino_model.xml").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert report["fidelity"]["passed"]
