@@ -48,6 +48,42 @@ def convert_parser() -> argparse.ArgumentParser:
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric quantization")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric quantization")
     p.add_argument("--calibration", help="calibration text, or a text file (paragraphs are samples)")
+    p.add_argument("--ep", choices=["cpu", "cuda", "dml"], help="ort-genai: execution provider built for (default cpu)")
+    p.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=range(5),
+        metavar="{0-4}",
+        help="ort-genai: compute type of quantized MatMuls (4 int8 activations, 1 fp32, 0 provider's)",
+    )
+    p.add_argument(
+        "--int4-algo",
+        choices=["rtn", "k_quant", "k_quant_mixed"],
+        help="ort-genai: int4 quantizer; k_quant_mixed keeps sensitive layers at 8 bits (default)",
+    )
+    p.add_argument(
+        "--int8-lm-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ort-genai: keep the LM head (and tied embeddings) at 8 bits in int4 (default on)",
+    )
+    p.add_argument("--recipe", choices=["mixed_3_4", "mixed_4_6"], help="mlx, 4bit: mixed-precision recipe")
+    p.add_argument(
+        "--method",
+        choices=["rtn", "gptq"],
+        help="mlx, 4bit: round-to-nearest (default) or GPTQ calibrated on --calibration",
+    )
+    p.add_argument(
+        "--desc-act",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="gptq: quantize columns in order of decreasing activation (act-order)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="gptq/awq/bnb/torchao: where calibration and quantization run (auto: CUDA, MPS, else CPU)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logit comparison")
     p.add_argument("--json", action="store_true", help="print the run's report as JSON on stdout")

@@ -44,6 +44,14 @@ def convert(
     group_size: int | None = None,
     sym: bool | None = None,
     calibration: str | None = None,
+    ep: str | None = None,
+    accuracy_level: int | None = None,
+    int4_algo: str | None = None,
+    int8_lm_head: bool | None = None,
+    recipe: str | None = None,
+    method: str | None = None,
+    desc_act: bool | None = None,
+    device: str | None = None,
     force: bool = False,
     verify: bool = True,
     progress: Progress | None = None,
@@ -62,7 +70,19 @@ def convert(
         raise PhiconvertError(
             f"target '{target}' cannot do precision '{precision}'; it supports: {', '.join(adapter.precisions)}"
         )
-    options = _target_options(adapter, group_size=group_size, sym=sym)
+    options = _target_options(
+        adapter,
+        group_size=group_size,
+        sym=sym,
+        ep=ep,
+        accuracy_level=accuracy_level,
+        int4_algo=int4_algo,
+        int8_lm_head=int8_lm_head,
+        recipe=recipe,
+        method=method,
+        desc_act=desc_act,
+        device=device,
+    )
     if adapter.check:
         adapter.check(precision, options)
     python = _worker_python(adapter)
