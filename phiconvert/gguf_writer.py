@@ -1,0 +1,357 @@
+"""Write a Hugging Face Phi3ForCausalLM checkpoint as an F16/BF16 GGUF file for llama.cpp.
+
+Built on gguf-py's writer and its format definitions (architecture, tensor names, metadata keys). Tensors are
+streamed: every tensor's info goes into the header first, then each tensor is read from its safetensors file,
+converted in chunks and written before the next one is read, so peak memory is about one tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from phiconvert.errors import PhiconvertError
+from phiconvert.source import normalise_config
+
+# Byte-level BPE split regexes (tokenizer.json pre_tokenizer) -> llama.cpp pre-tokenizer name (llama-vocab.cpp).
+# o200k: Phi-4-mini (tiktoken's GPT-4o regex); cl100k: Phi-4 (GPT-4 regex, as DBRX: no ignore_merges).
+O200K_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CL100K_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS = {O200K_REGEX: "gpt-4o", CL100K_REGEX: "dbrx"}
+
+# Output dtype -> (GGUF type of the 2-D weights, general.file_type)
+DTYPES = {
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+}
+# GGUF tensor type -> numpy dtype its elements are stored as (bf16 as its 16 raw bits)
+STORAGE = {
+    gguf.GGMLQuantizationType.F32: np.float32,
+    gguf.GGMLQuantizationType.F16: np.float16,
+    gguf.GGMLQuantizationType.BF16: np.uint16,
+}
+# safetensors dtype -> numpy dtype its raw elements are read as (bf16 as its 16 raw bits)
+SOURCE_DTYPES = {"BF16": np.int16, "F16": np.float16, "F32": np.float32}
+# safetensors and GGUF name these three alike
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+CHUNK = 1 << 24  # elements converted at a time (64 MiB of float32)
+END_OF_TURN = "<|end|>"
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """Where one tensor's bytes lie in a safetensors file (read straight from its header)."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One GGUF tensor: its name, type, and where its data comes from (a source tensor or an array)."""
+
+    name: str
+    qtype: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    source: SourceTensor | None = None
+    array: np.ndarray | None = None
+
+
+def write_gguf(source: Path, path: Path, dtype: str = "f16") -> dict[str, Any]:
+    """Convert the checkpoint in ``source`` to ``path``; returns what was written, for the report."""
+    config = normalise_config(json.loads((source / "config.json").read_text()))  # either layout -> hub layout
+    if config.get("model_type") != "phi3":
+        raise PhiconvertError(f"GGUF export supports Phi3ForCausalLM only, not model_type {config.get('model_type')!r}")
+    qtype, ftype = DTYPES[dtype]
+    weights = _read_safetensors_index(source)
+    plan = _plan_tensors(config, weights, qtype)
+    n_vocab = next(p.shape[0] for p in plan if p.name == "token_embd.weight")
+
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3])
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    details = _add_hparams(writer, config)
+    details.update(_add_tokenizer(writer, source, n_vocab))
+    for p in plan:
+        nbytes = math.prod(p.shape) * np.dtype(STORAGE[p.qtype]).itemsize
+        writer.add_tensor_info(p.name, p.shape, np.dtype(STORAGE[p.qtype]), nbytes, raw_dtype=p.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for p in plan:
+        writer.write_tensor_data(p.array if p.array is not None else _convert(p.source, p.qtype))
+    writer.close()
+    return {"tensors": len(plan), "file_type": ftype.name, **details}
+
+
+def _read_safetensors_index(source: Path) -> dict[str, SourceTensor]:
+    """Name -> location of every tensor in the checkpoint's safetensors files (single file or shards)."""
+    index = source / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({source / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(source.glob("*.safetensors"))
+    if not files:
+        raise PhiconvertError(f"no .safetensors weights in {source}")
+    tensors = {}
+    for file in files:
+        with open(file, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in SOURCE_DTYPES:
+                raise PhiconvertError(f"tensor {name} has dtype {info['dtype']}; expected BF16, F16 or F32")
+            offset = 8 + header_size + info["data_offsets"][0]
+            tensors[name] = SourceTensor(file, info["dtype"], tuple(info["shape"]), offset)
+    return tensors
+
+
+def _plan_tensors(
+    config: dict[str, Any], weights: dict[str, SourceTensor], qtype: gguf.GGMLQuantizationType
+) -> list[Planned]:
+    """GGUF names and types: 2-D weights in the output dtype, norms and rope factors in F32 (as llama.cpp expects)."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, config["num_hidden_layers"])
+    plan = [Planned(name, gguf.GGMLQuantizationType.F32, a.shape, array=a) for name, a in _rope_factors(config)]
+    for hf_name, tensor in weights.items():
+        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise PhiconvertError(f"unexpected tensor {hf_name!r} in a Phi3ForCausalLM checkpoint")
+        kind = qtype if len(tensor.shape) > 1 else gguf.GGMLQuantizationType.F32
+        plan.append(Planned(name, kind, tensor.shape, tensor))
+    return plan
+
+
+def _rope_factors(config: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+    """LongRoPE's per-frequency factors become two small F32 tensors llama.cpp picks between."""
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("type", scaling.get("rope_type")) not in ("longrope", "su"):
+        return []
+    long_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
+    short_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
+    return [
+        (long_name, np.asarray(scaling["long_factor"], np.float32)),
+        (short_name, np.asarray(scaling["short_factor"], np.float32)),
+    ]
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> dict[str, Any]:
+    """Model hyperparameters in llama.cpp's phi3 keys; returns the rope settings for the report."""
+    n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    rope_dim = int(config.get("partial_rotary_factor", 1.0) * head_dim)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(rope_dim)
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    if isinstance(config.get("sliding_window"), int):
+        writer.add_sliding_window(config["sliding_window"])
+    details: dict[str, Any] = {"rope_dimension_count": rope_dim, "rope_scaling": None}
+    scaling = config.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("type", scaling.get("rope_type"))
+        if kind not in ("longrope", "su"):
+            raise PhiconvertError(f"rope_scaling type {kind!r} is not supported for GGUF (only longrope)")
+        original = config.get("original_max_position_embeddings") or scaling["original_max_position_embeddings"]
+        attn_factor = _longrope_attention_factor(scaling, config["max_position_embeddings"], original)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_scaling_attn_factors(attn_factor)
+        details["rope_scaling"] = {"type": "longrope", "original_context": original, "attn_factor": attn_factor}
+    return details
+
+
+def _longrope_attention_factor(scaling: dict[str, Any], max_positions: int, original: int) -> float:
+    """The cos/sin scale transformers applies with longrope: explicit, or sqrt(1 + ln(s)/ln(original))."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = max_positions / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, source: Path, n_vocab: int) -> dict[str, Any]:
+    """Vocabulary, merges, special ids, add_bos/add_eos and chat template, so llama.cpp tokenises like the source."""
+    tokenizer_json = json.loads((source / "tokenizer.json").read_text()) if (source / "tokenizer.json").exists() else {}
+    if (source / "tokenizer.model").exists():
+        model, pre = "llama", "default"
+        tokens, scores, types = _sentencepiece_vocab(source, tokenizer_json, n_vocab)
+        writer.add_token_scores(scores)
+    else:
+        model, pre = "gpt2", _pre_tokenizer(tokenizer_json)
+        tokens, types = _bpe_vocab(tokenizer_json, n_vocab)
+    name = _model_name(source, tokenizer_json)
+    writer.add_name(name)
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+
+    special = gguf.SpecialVocab(source, load_merges=model == "gpt2", n_vocab=n_vocab)
+    add_bos, add_eos = _adds_special_tokens(source)
+    special.add_special_token.update(bos=add_bos, eos=add_eos)
+    special.add_to_gguf(writer, quiet=True)
+    if END_OF_TURN in tokens:
+        writer.add_eot_token_id(tokens.index(END_OF_TURN))
+    if special.chat_template is None:
+        raise PhiconvertError(f"no chat template in {source} (tokenizer_config.json or chat_template.jinja)")
+    return {
+        "name": name,
+        "tokenizer_model": model,
+        "tokenizer_pre": pre,
+        "add_bos_token": add_bos,
+        "vocab_size": n_vocab,
+    }
+
+
+def _model_name(source: Path, tokenizer_json: dict[str, Any]) -> str:
+    """general.name: the source folder's name, adjusted because llama.cpp reads it to tokenise.
+
+    GGUF has no per-token strip flags; llama.cpp instead makes every special token but <unk>, <s> and
+    <|endoftext|> swallow the whitespace after it when general.name contains "phi3" or "phi-3" (the hub Phi-3
+    tokenizers' rstrip=True tokens). The name must say so exactly when the source's added tokens do.
+    """
+    weights = next(source.glob("*.safetensors"))
+    name = weights.resolve().parent.name if weights.is_symlink() else source.name
+    rstrip = any(t.get("rstrip") for t in tokenizer_json.get("added_tokens", []))
+    says_rstrip = re.search(r"phi-?3", name, re.IGNORECASE) is not None
+    if rstrip and not says_rstrip:
+        return f"{name} (phi3 tokenizer)"
+    if says_rstrip and not rstrip:
+        return re.sub(r"(phi)-?(3)", r"\1_\2", name, flags=re.IGNORECASE)  # "tiny-phi3" -> "tiny-phi_3"
+    return name
+
+
+def _sentencepiece_vocab(
+    source: Path, tokenizer_json: dict[str, Any], n_vocab: int
+) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and types from tokenizer.model, then the added tokens, padded to the embedding size."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        kind = gguf.TokenType.NORMAL
+        if sp.IsUnknown(i):
+            kind = gguf.TokenType.UNKNOWN
+        elif sp.IsControl(i):
+            kind = gguf.TokenType.CONTROL
+        elif sp.IsUnused(i):
+            kind = gguf.TokenType.UNUSED
+        elif sp.IsByte(i):
+            kind = gguf.TokenType.BYTE
+        tokens.append(sp.IdToPiece(i))
+        scores.append(sp.GetScore(i))
+        types.append(kind)
+    for token_id, text, kind in _added_tokens(tokenizer_json, n_vocab):
+        if token_id < sp.vocab_size():
+            continue  # already a piece of the model (<unk>, <s>, </s>), typed by sentencepiece
+        _pad(tokens, token_id, scores, types)
+        tokens.append(text)
+        scores.append(0.0)
+        types.append(kind)
+    _pad(tokens, n_vocab, scores, types)
+    return tokens, scores, [int(t) for t in types]
+
+
+def _bpe_vocab(tokenizer_json: dict[str, Any], n_vocab: int) -> tuple[list[str], list[int]]:
+    """Byte-level BPE vocabulary (token strings as tokenizer.json stores them) plus added tokens, padded."""
+    by_id = {i: text for text, i in tokenizer_json["model"]["vocab"].items()}
+    kinds = {i: gguf.TokenType.NORMAL for i in by_id}
+    for token_id, text, kind in _added_tokens(tokenizer_json, n_vocab):
+        by_id[token_id], kinds[token_id] = text, kind
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+    types = [int(kinds.get(i, gguf.TokenType.UNUSED)) for i in range(n_vocab)]
+    return tokens, types
+
+
+def _added_tokens(tokenizer_json: dict[str, Any], n_vocab: int) -> Iterator[tuple[int, str, gguf.TokenType]]:
+    """tokenizer.json's added tokens: special ones are control tokens, the rest user-defined."""
+    for added in sorted(tokenizer_json.get("added_tokens", []), key=lambda a: a["id"]):
+        if added["id"] >= n_vocab:
+            raise PhiconvertError(f"added token {added['content']!r} has id {added['id']} >= vocab size {n_vocab}")
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        yield added["id"], added["content"], kind
+
+
+def _pad(tokens: list[str], upto: int, scores: list[float], types: list[Any]) -> None:
+    """Fill ids the tokenizer does not use (the embedding is often larger) with unused placeholder tokens."""
+    while len(tokens) < upto:
+        tokens.append(f"[PAD{len(tokens)}]")
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+
+
+def _pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
+    """llama.cpp's name for the source's byte-level BPE pre-tokenizer, recognised by its split regex."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    regexes = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
+    if len(regexes) == 1 and regexes[0] in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[regexes[0]]
+    described = regexes[0] if len(regexes) == 1 and regexes[0] else "+".join(p.get("type", "?") for p in parts)
+    raise PhiconvertError(
+        f"unknown tokenizer pre-tokenizer '{described}': no llama.cpp pre-tokenizer is known to match it "
+        f"(supported: o200k as 'gpt-4o', cl100k as 'dbrx')"
+    )
+
+
+def _adds_special_tokens(source: Path) -> tuple[bool, bool]:
+    """Whether the source tokenizer itself prepends BOS / appends EOS; llama.cpp must do exactly the same."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    with_special = tok("a").input_ids
+    plain = tok("a", add_special_tokens=False).input_ids
+    add_bos = tok.bos_token_id is not None and with_special[:1] == [tok.bos_token_id] != plain[:1]
+    add_eos = tok.eos_token_id is not None and with_special[-1:] == [tok.eos_token_id] != plain[-1:]
+    return add_bos, add_eos
+
+
+def _convert(tensor: SourceTensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """Read one source tensor in chunks and convert it into the GGUF storage dtype."""
+    out = np.empty(tensor.size, dtype=STORAGE[qtype])
+    with open(tensor.file, "rb") as f:
+        f.seek(tensor.offset)
+        for start in range(0, tensor.size, CHUNK):
+            raw = np.fromfile(f, dtype=SOURCE_DTYPES[tensor.dtype], count=min(CHUNK, tensor.size - start))
+            out[start : start + raw.size] = _cast(raw, tensor.dtype, qtype)
+    return out.reshape(tensor.shape)
+
+
+def _cast(raw: np.ndarray, src: str, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """Source elements -> GGUF elements, rounding to nearest even (torch: 3x faster than numpy's float16 cast)."""
+    value = torch.from_numpy(raw).view(TORCH_DTYPES[src]).to(TORCH_DTYPES[qtype.name])
+    return value.view(torch.int16).numpy().view(np.uint16) if value.dtype == torch.bfloat16 else value.numpy()

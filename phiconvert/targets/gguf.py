@@ -1,0 +1,197 @@
+"""llama.cpp GGUF: our own HF -> GGUF writer for F16/BF16, then llama.cpp's own quantizer, in-process.
+
+The runtime is llama-cpp-python. Two llama.cpp behaviours shape this adapter:
+- K-quants need rows divisible by 256; llama.cpp quietly falls back (to Q5_0/Q8_0 ...) for tensors that are not,
+  so the report lists the real per-tensor types and the real bits per weight, read back from the file.
+- With longrope, llama.cpp picks the long or short rope factors by its context size (padded up to a multiple of
+  256), transformers by the sequence length. ``_open`` sizes each context so both pick the same factors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phiconvert.errors import PhiconvertError
+from phiconvert.targets import ExportJob, Smoke, Target
+
+# precision -> llama.cpp file type (llama_ftype) for llama_model_quantize; f16/bf16 are written directly
+QUANTIZED = {
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+K_QUANTS = ("q6_k", "q5_k_m", "q4_k_m")
+CONTEXT_PAD = 256  # llama.cpp rounds every context size up to a multiple of this
+END_OF_TURN = "<|end|>"
+
+
+def export(job: ExportJob) -> dict[str, Any]:
+    """Write the GGUF (quantizing an intermediate F16 file in job.work) and report its real tensor types."""
+    from phiconvert.gguf_writer import write_gguf
+
+    path = job.output / f"model-{job.precision.upper()}.gguf"
+    if job.precision in QUANTIZED:
+        intermediate = job.work / "model-F16.gguf"
+        details = write_gguf(job.source, intermediate, "f16")
+        _quantize(intermediate, path, job.precision)
+        intermediate.unlink()
+    else:
+        details = write_gguf(job.source, path, job.precision)
+    return {"file": path.name, **details, **tensor_report(path, job.precision)}  # file_type: the final file's
+
+
+def _quantize(source: Path, destination: Path, precision: str) -> None:
+    """llama.cpp's own quantizer (what llama-quantize runs), called in-process through llama-cpp-python."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTIZED[precision])
+    params.nthread = os.cpu_count() or 1
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(destination).encode(), ctypes.byref(params))
+    if status != 0:
+        raise PhiconvertError(f"llama.cpp failed to quantize to {precision} (status {status}; see the log)")
+
+
+def tensor_report(path: Path, precision: str) -> dict[str, Any]:
+    """Real per-tensor types and bits per weight, read back from the file (not what was asked for)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    tensors = reader.tensors
+    matrices = [t for t in tensors if len(t.shape) > 1]
+    full = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    report = {
+        "file_type": gguf.LlamaFileType(reader.get_field(gguf.Keys.General.FILE_TYPE).contents()).name,
+        "file_bytes": path.stat().st_size,
+        "tensor_types": dict(Counter(t.tensor_type.name for t in tensors)),
+        "bits_per_weight": _bits_per_weight(tensors),
+        "bits_per_weight_matrices": _bits_per_weight(matrices),
+        "matrices_full_precision": [t.name for t in matrices if t.tensor_type in full],
+    }
+    if precision in K_QUANTS:
+        # llama.cpp falls back from K-quants (256-element blocks) for rows it cannot split into such blocks
+        report["k_quant_fallbacks"] = {
+            t.name: t.tensor_type.name
+            for t in matrices
+            if not t.tensor_type.name.endswith("_K") and t.tensor_type not in full
+        }
+    return report
+
+
+def _bits_per_weight(tensors: list[Any]) -> float:
+    return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+
+
+def _gguf_file(artifact: Path) -> Path:
+    files = sorted(artifact.glob("*.gguf"))
+    if len(files) != 1:
+        raise PhiconvertError(f"expected one .gguf file in {artifact}, found {len(files)}")
+    return files[0]
+
+
+def _open(path: Path, n_tokens: int, logits_all: bool = False) -> Any:
+    """A llama.cpp context for ``n_tokens`` tokens that applies the rope factors transformers would.
+
+    transformers uses longrope's long factors iff the sequence is longer than the original context; llama.cpp iff
+    its context (n_tokens rounded up to 256) is. When the rounding alone would cross the original context (only for
+    original contexts that are not multiples of 256, like the tiny test models'), the original context length is
+    overridden to the padded size for this context, so the short factors stay in use, as in transformers.
+    """
+    import gguf
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    n_ctx = max(n_tokens, 1)
+    padded = math.ceil(n_ctx / CONTEXT_PAD) * CONTEXT_PAD
+    key = gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch="phi3")
+    field = gguf.GGUFReader(path).get_field(key)
+    overrides = None
+    if field is not None and n_tokens <= int(field.contents()) < padded:
+        overrides = {key: padded}
+    # one thread per physical core (llama-cpp-python's default): ggml's threads spin-wait on each other, and one
+    # more than the cores that are free turns a millisecond token into a second (measured on 2 busy cores)
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    return Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=logits_all,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        flash_attn=False,
+        kv_overrides=overrides,
+        seed=0,
+        verbose=False,
+    )
+
+
+def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
+    """Greedy chat completion through the GGUF's own chat template; llama.cpp stops at its end-of-generation ids."""
+    from llama_cpp import Llama
+
+    path = _gguf_file(artifact)
+    probe = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    template = probe.metadata.get("tokenizer.chat_template", "")
+    prompt_tokens = len(probe.tokenize(_render(template, messages, probe).encode(), add_bos=False, special=True))
+    llm = _open(path, prompt_tokens + max_new_tokens)
+    out = llm.create_chat_completion(
+        messages=messages, max_tokens=max_new_tokens, temperature=0.0, top_k=1, seed=0, stop=[END_OF_TURN]
+    )
+    choice = out["choices"][0]
+    stopped = choice["finish_reason"] == "stop"
+    tokens = out["usage"]["completion_tokens"] + (1 if stopped else 0)
+    return Smoke(text=choice["message"]["content"] or "", tokens=tokens, stopped_at_eot=stopped)
+
+
+def _render(template: str, messages: list[dict[str, str]], llm: Any) -> str:
+    """The chat prompt as llama-cpp-python renders it from the GGUF's template (to size the context)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="ignore")
+    eos = llm.detokenize([llm.token_eos()], special=True).decode(errors="ignore")
+    return Jinja2ChatFormatter(template=template, bos_token=bos, eos_token=eos)(messages=messages).prompt
+
+
+def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
+    """Prefill logits of each sequence in one batch (f32 KV cache, no BOS added), one context per sequence."""
+    path = _gguf_file(artifact)
+    results = []
+    for ids in sequences:
+        llm = _open(path, len(ids), logits_all=True)
+        llm.eval(ids)
+        results.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        llm.close()
+    return results
+
+
+TARGET = Target(
+    name="gguf",
+    extra="gguf",
+    modules=("gguf", "llama_cpp"),
+    packages=("gguf", "llama-cpp-python"),
+    precisions=("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "f16", "bf16"),
+    default_precision="q4_k_m",
+    export=export,
+    smoke=smoke,
+    logits=logits,
+    notes={
+        "q4_k_m": "4-bit K-quants, some tensors and the output/tied embedding in Q6_K: llama.cpp's usual default",
+        "q5_k_m": "5-bit K-quants with the same Q6_K exceptions",
+        "q6_k": "6-bit K-quants (6.56 bits/weight): close to F16",
+        "q8_0": "8-bit blocks of 32 (8.5 bits/weight): nearly lossless",
+        "q4_0": "legacy 4-bit blocks of 32 (4.5 bits/weight): the least accurate",
+        "f16": "16-bit float, no quantization",
+        "bf16": "bfloat16: the exact weights of a bf16 checkpoint",
+    },
+)
