@@ -1,0 +1,273 @@
+"""Apple MLX target: mlx-lm's own convert / load / stream_generate, so the artifact is what `mlx_lm.generate` runs.
+
+mlx-lm reads the hub config layout only (the staging copy has it). Two behaviours of mlx-lm 0.31.3 shape this
+module. Its longrope (SuScaledRoPE) always rotates with the LONG factor, where transformers uses the short factor
+while the sequence fits in `original_max_position_embeddings`: `logits` applies transformers' rule per sequence
+and `export` measures what the stock runtime changes on a short prompt. And layers whose input size is not a
+multiple of the group size are silently left unquantized: `export` lists them and reports the real bits per weight.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phiconvert.errors import PhiconvertError
+from phiconvert.targets import ExportJob, Smoke, Target
+
+# precision -> (bits, dtype of the float weights); bits None = not quantized, dtype None = the source's dtype
+PRECISIONS = {"4bit": (4, None), "8bit": (8, None), "fp16": (None, "float16"), "bf16": (None, "bfloat16")}
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64
+RECIPES = ("mixed_3_4", "mixed_4_6")  # mlx-lm's mixed-precision predicates (more bits for v_proj, down_proj, lm_head)
+METHODS = ("rtn", "gptq")
+# mlx_lm.gptq's defaults: 512-token calibration chunks; layers GPTQ does not handle (the embedding) get 6 bits
+GPTQ_SEQUENCE_LENGTH = 512
+GPTQ_MAX_SAMPLES = 128
+GPTQ_FALLBACK_BITS = 6
+# window of calibration text on which the stock runtime's long factor is compared with transformers' short factor
+ROPE_PROBE_TOKENS = 128
+END_OF_TURN = "<|end|>"
+
+
+def _settings(precision: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The quantization settings to use, refusing combinations mlx-lm would reject or silently ignore."""
+    bits, dtype = PRECISIONS[precision]
+    group_size, recipe, method = options.get("group_size"), options.get("recipe"), options.get("method")
+    if bits is None and (group_size is not None or recipe is not None or method is not None):
+        raise PhiconvertError(f"--group-size, --recipe and --method apply to 4bit and 8bit, not to {precision}")
+    if group_size is not None and group_size not in GROUP_SIZES:
+        raise PhiconvertError(
+            f"--group-size for mlx must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}"
+        )
+    if recipe is not None and recipe not in RECIPES:
+        raise PhiconvertError(f"--recipe for mlx must be one of {', '.join(RECIPES)}, not '{recipe}'")
+    if recipe is not None and precision != "4bit":
+        raise PhiconvertError(
+            f"--recipe {recipe} mixes 3/4/6-bit layers: use it with --precision 4bit, not {precision}"
+        )
+    if method is not None and method not in METHODS:
+        raise PhiconvertError(f"--method for mlx must be one of {', '.join(METHODS)}, not '{method}'")
+    if method == "gptq" and precision != "4bit":
+        raise PhiconvertError(f"--method gptq is for --precision 4bit; {precision} round-to-nearest is near-lossless")
+    if method == "gptq" and recipe is not None:
+        raise PhiconvertError("--method gptq and --recipe cannot be combined (mlx-lm's GPTQ uses one bit width)")
+    return {
+        "bits": bits,
+        "group_size": (group_size or DEFAULT_GROUP_SIZE) if bits else None,
+        "recipe": recipe,
+        "method": (method or "rtn") if bits else None,
+        "dtype": dtype,
+    }
+
+
+def export(job: ExportJob) -> dict[str, Any]:
+    """Convert with mlx-lm (round-to-nearest or GPTQ), then describe the artifact as mlx-lm loads it."""
+    from mlx_lm import load
+
+    settings = _settings(job.precision, job.options)
+    built = job.work / "mlx"  # mlx-lm refuses an existing folder, and job.output exists
+    if settings["method"] == "gptq":
+        settings["calibration"] = _convert_gptq(job.source, built, settings, job.calibration)
+    else:
+        from mlx_lm import convert
+
+        convert(
+            str(job.source),
+            str(built),
+            quantize=settings["bits"] is not None,
+            q_bits=settings["bits"],
+            q_group_size=settings["group_size"],
+            dtype=settings["dtype"],
+            quant_predicate=settings["recipe"],
+        )
+    for item in built.iterdir():
+        shutil.move(str(item), str(job.output / item.name))
+    _ensure_end_of_turn(job.output)
+    model, tokenizer, config = load(str(job.output), return_config=True)  # as `mlx_lm.generate` loads it
+    details = {"settings": settings, "eos_token_ids": sorted(tokenizer.eos_token_ids), **_describe(model, config)}
+    return {**details, "rope": _rope_report(model, tokenizer, job.calibration)}
+
+
+def _convert_gptq(source: Path, built: Path, settings: dict[str, Any], calibration: list[str]) -> dict[str, Any]:
+    """mlx-lm's GPTQ fed with our calibration tokens (its CLI would read or download its own text file)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.quant.gptq import gptq_quantize
+    from mlx_lm.utils import load, save
+
+    model, tokenizer, config = load(str(source), lazy=True, return_config=True)
+    group = settings["group_size"]
+    layers = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    uneven = [path for path, m in layers if hasattr(m, "to_quantized") and m.weight.shape[-1] % group]
+    if uneven:
+        raise PhiconvertError(
+            f"--method gptq needs input sizes that are multiples of --group-size {group}: {uneven[0]}"
+        )
+    ids = tokenizer.encode("\n\n".join(calibration), add_special_tokens=False)
+    length = min(GPTQ_SEQUENCE_LENGTH, len(ids))
+    samples = min(GPTQ_MAX_SAMPLES, len(ids) // length)
+    data = mx.array(ids[: samples * length]).reshape(samples, length)
+    _use_rope_factor(model, length)  # calibrate with the factor transformers would use at this length
+    model, config["quantization"] = gptq_quantize(model, data, settings["bits"], group, GPTQ_FALLBACK_BITS, group)
+    config["quantization_config"] = config["quantization"]  # as mlx_lm.convert writes it
+    save(str(built), str(source), model, tokenizer, config)
+    return {"samples": samples, "tokens_per_sample": length, "fallback_bits": GPTQ_FALLBACK_BITS}
+
+
+def _ensure_end_of_turn(artifact: Path) -> None:
+    """Make mlx-lm stop at the end-of-turn token: it stops on generation_config.json's eos ids (else config's)."""
+    from mlx_lm.utils import load_config
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    eot = tokenizer.eos_token_id if eot is None or eot == tokenizer.unk_token_id else eot
+    eos = load_config(artifact).get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if eot not in eos:
+        eos.append(eot)
+        path = artifact / "generation_config.json"
+        generation = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**generation, "eos_token_id": eos}, indent=2) + "\n")
+
+
+def _describe(model: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """Real bits per weight, layers per bit width, the layers mlx-lm left in full precision, what it ignores."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import compute_bits_per_weight
+
+    quantization = config.get("quantization")
+    bits: dict[str, int] = {}
+    full_precision = {}
+    for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            bits[str(module.bits)] = bits.get(str(module.bits), 0) + 1
+        elif quantization and isinstance(module, (nn.Linear, nn.Embedding)):
+            width, group = module.weight.shape[-1], quantization["group_size"]
+            full_precision[path] = f"input size {width} is not a multiple of the group size {group}"
+    floats = {
+        str(v.dtype).split(".")[-1] for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)
+    }
+    window = config.get("sliding_window")
+    return {
+        # mlx-lm's phi3 attends to the whole context; transformers masks beyond the window (Phi-3-mini-4k: 2047)
+        "sliding_window_ignored": window if window and window < config["max_position_embeddings"] else None,
+        "bits_per_weight": round(float(compute_bits_per_weight(model)), 3),
+        "quantized_layers_by_bits": bits,
+        "full_precision_layers": full_precision,
+        "float_dtypes": sorted(floats),
+        "quantization": quantization,
+    }
+
+
+def _rope_report(model: Any, tokenizer: Any, calibration: list[str]) -> dict[str, Any] | None:
+    """How longrope is handled, and what the stock mlx-lm runtime (long factor only) changes on a short prompt."""
+    import mlx.core as mx
+
+    from phiconvert.verify import compare
+
+    args = model.args
+    if not args.rope_scaling or args.rope_scaling["type"] not in ("longrope", "su"):
+        return None
+    original = args.original_max_position_embeddings
+    ids = tokenizer.encode("\n\n".join(calibration), add_special_tokens=False)[: min(original, ROPE_PROBE_TOKENS)]
+    model.set_dtype(mx.float32)  # f32 like logits(): the difference is the factor's alone
+    stock = np.array(model(mx.array([ids]))[0])
+    _use_rope_factor(model, len(ids))
+    rule = np.array(model(mx.array([ids]))[0])
+    change = compare([rule], [stock], [ids])
+    return {
+        "original_max_position_embeddings": original,
+        "mlx_lm_runtime": "long_factor at every length (SuScaledRoPE of mlx-lm 0.31.x)",
+        "transformers": f"short_factor up to {original} tokens, long_factor beyond",
+        "verification": "logits() applies transformers' choice per sequence, so fidelity measures the conversion",
+        "stock_runtime_vs_short_factor": {
+            "tokens": len(ids),
+            "top1": round(change.top1, 4),
+            "kl": round(change.kl, 5),
+            "ppl_pct": round(change.ppl_pct, 3),
+        },
+    }
+
+
+def _use_rope_factor(model: Any, length: int) -> None:
+    """Give every attention layer the longrope factor transformers picks for a sequence of ``length`` tokens.
+
+    transformers uses short_factor while the sequence fits in original_max_position_embeddings and long_factor
+    beyond; mlx-lm builds its SuScaledRoPE with long_factor only.
+    """
+    from mlx_lm.models.rope_utils import SuScaledRoPE
+
+    args = model.args
+    if not args.rope_scaling or args.rope_scaling["type"] not in ("longrope", "su"):
+        return
+    which = "short_factor" if length <= args.original_max_position_embeddings else "long_factor"
+    for layer in model.layers:
+        layer.self_attn.rope = SuScaledRoPE(
+            layer.self_attn.rope.dim,
+            base=args.rope_theta,
+            max_position_embeddings=args.max_position_embeddings,
+            original_max_position_embeddings=args.original_max_position_embeddings,
+            short_factor=args.rope_scaling["short_factor"],
+            long_factor=args.rope_scaling[which],
+        )
+
+
+def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
+    """Greedy chat reply through mlx-lm's stream_generate, as `mlx_lm.generate` builds the prompt."""
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = load(str(artifact))
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    responses = list(stream_generate(model, tokenizer, ids, max_tokens=max_new_tokens))
+    if not responses:
+        raise PhiconvertError("mlx-lm generated nothing")
+    tokens = [r.token for r in responses]  # each token once; the last one is the eos token when it stopped
+    stopped = responses[-1].finish_reason == "stop"
+    # decoded like the source's reply (special tokens skipped), not from mlx-lm's streaming text segments
+    text = tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True)
+    return Smoke(text=text, tokens=len(tokens), stopped_at_eot=stopped)
+
+
+def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
+    """Prefill logits computed in float32 (weights upcast; quantized weights stay as stored)."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(artifact)
+    model.set_dtype(mx.float32)
+    out = []
+    for ids in sequences:
+        _use_rope_factor(model, len(ids))
+        out.append(np.array(model(mx.array([ids]))[0].astype(mx.float32)))
+    return out
+
+
+TARGET = Target(
+    name="mlx",
+    extra="mlx",
+    modules=("mlx", "mlx_lm"),
+    packages=("mlx-lm", "mlx", "mlx-metal", "mlx-cpu", "transformers"),
+    precisions=tuple(PRECISIONS),
+    default_precision="4bit",
+    export=export,
+    smoke=smoke,
+    logits=logits,
+    options=("group_size", "recipe", "method"),
+    check=lambda precision, options: _settings(precision, options) and None,
+    notes={
+        "4bit": "affine 4-bit, group size 64 (32/64/128); --recipe mixed_3_4|mixed_4_6; --method gptq",
+        "8bit": "affine 8-bit, group size 64 (32/64/128)",
+        "fp16": "float16 weights, unquantized",
+        "bf16": "bfloat16 weights, unquantized",
+    },
+)

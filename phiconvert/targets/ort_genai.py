@@ -1,0 +1,261 @@
+"""ONNX Runtime GenAI: the model builder writes model.onnx + genai_config.json; onnxruntime-genai runs them.
+
+The builder runs in-process (`parse_extra_options` + `create_model`, what its CLI does, without a second Python
+start). Its int4/int8 weight-only quantizers (RTN, k-quant) are data-free: the calibration text is not used. Two
+builder traps are refused before it runs: it takes any Linear layer with vocab_size outputs for the LM head, and
+ONNX Runtime's CPU attention kernel needs half the rotary dimension to be a multiple of 8.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phiconvert.errors import PhiconvertError
+from phiconvert.targets import ExportJob, Smoke, Target
+
+# Precisions the builder makes per execution provider. There is no CPU fp16: the builder's CPU fp16 graph
+# (MultiHeadAttention with repeat_kv, GroupQueryAttention being fp32-only there) fails at the first decode step.
+PROVIDER_PRECISIONS = {
+    "cpu": ("int4", "int8", "fp32"),
+    "cuda": ("int4", "int8", "fp16", "fp32"),
+    "dml": ("int4", "fp16"),
+}
+# The onnxruntime-genai distribution that carries each GPU execution provider.
+PROVIDER_PACKAGES = {"cuda": "onnxruntime-genai-cuda", "dml": "onnxruntime-genai-directml"}
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+INT4_ALGOS = ("rtn", "k_quant", "k_quant_mixed")
+END_OF_TURN = "<|end|>"
+
+# Defaults measured best on the bundled trained fixtures (docs/tutorials/onnx-runtime-genai.md): the 8-bit LM head
+# (and with it Phi-4-mini's tied embeddings) matters most, then k-quant's mixed int4/int8 layers, then blocks of 32.
+DEFAULTS = {
+    "ep": "cpu",
+    "group_size": 32,
+    "sym": False,
+    "accuracy_level": None,  # the builder's: 4 on CPU (int8 activations, its fast path; 1, fp32, measured no better)
+    "int4_algo": "k_quant_mixed",
+    "int8_lm_head": True,
+}
+QUANTIZATION_OPTIONS = ("group_size", "sym", "accuracy_level")
+INT4_OPTIONS = ("int4_algo", "int8_lm_head")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def settings_for(precision: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The real settings of this export (the user's options over our defaults), refusing ones that cannot apply."""
+    applicable = {"int4": QUANTIZATION_OPTIONS + INT4_OPTIONS, "int8": QUANTIZATION_OPTIONS}.get(precision, ())
+    inapplicable = [
+        n for n in QUANTIZATION_OPTIONS + INT4_OPTIONS if options.get(n) is not None and n not in applicable
+    ]
+    if inapplicable:
+        only = "int4 and int8" if precision in ("fp16", "fp32") else "int4"
+        raise PhiconvertError(f"ort-genai {precision}: {', '.join(map(flag, inapplicable))} apply to {only} only")
+    settings = {name: DEFAULTS[name] if options.get(name) is None else options[name] for name in ("ep", *applicable)}
+    if "accuracy_level" in settings and settings["accuracy_level"] is None:
+        settings["accuracy_level"] = 4 if settings["ep"] == "cpu" else 0  # 0: the GPU provider's choice
+    choices = {"ep": PROVIDER_PRECISIONS, "group_size": BLOCK_SIZES, "accuracy_level": ACCURACY_LEVELS,
+               "int4_algo": INT4_ALGOS}  # fmt: skip
+    for name, allowed in choices.items():
+        if name in settings and settings[name] not in allowed:
+            raise PhiconvertError(
+                f"ort-genai {flag(name)} {settings[name]} is not one of: {', '.join(map(str, allowed))}"
+            )
+    if precision not in PROVIDER_PRECISIONS[settings["ep"]]:
+        gpu = "; fp16 is for --ep cuda or dml" if precision == "fp16" else ""
+        raise PhiconvertError(
+            f"ort-genai {precision} is not built for --ep {settings['ep']} "
+            f"(it builds {', '.join(PROVIDER_PRECISIONS[settings['ep']])}){gpu}"
+        )
+    if precision == "int4" and settings["int4_algo"] != "rtn" and settings["sym"]:
+        raise PhiconvertError("k-quant is asymmetric (a zero point per block); for symmetric int4 add --int4-algo rtn")
+    return settings
+
+
+def builder_options(settings: dict[str, Any]) -> list[str]:
+    """The builder's KEY=VALUE extra options for ``settings`` (int8 keeps the builder's round-to-nearest)."""
+    if "group_size" not in settings:
+        return []
+    options = [
+        f"block_size={settings['group_size']}",
+        f"is_symmetric={settings['sym']}",
+        f"accuracy_level={settings['accuracy_level']}",
+    ]
+    if "int4_algo" in settings:
+        options.append(f"algo_config={settings['int4_algo'].removesuffix('_mixed')}")
+        mixed = ["mixed_layers:int8"] if settings["int4_algo"] == "k_quant_mixed" else []
+        mixed += ["last_matmul:int8"] if settings["int8_lm_head"] else []
+        if mixed:
+            options.append("matmul_mixed_precision=" + ",".join(mixed))
+    return options
+
+
+def check_runtime(ep: str) -> None:
+    """Every artifact is proven in its own runtime, so a GPU build needs that GPU's onnxruntime-genai here."""
+    import onnxruntime_genai as og
+
+    available = {"cpu": True, "cuda": og.is_cuda_available(), "dml": og.is_dml_available()}
+    if not available[ep]:
+        raise PhiconvertError(
+            f"this onnxruntime-genai has no {ep.upper()} execution provider: install {PROVIDER_PACKAGES[ep]} "
+            "in its place (on a machine with that GPU), or use --ep cpu"
+        )
+
+
+def check_model(config: dict[str, Any], ep: str) -> None:
+    """Refuse the shapes the builder would silently export wrong, or ONNX Runtime would fail on obscurely."""
+    hidden, vocab, heads = config["hidden_size"], config["vocab_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    linears = {
+        "qkv_proj": (heads + 2 * kv_heads) * head_dim,
+        "o_proj/down_proj": hidden,
+        "gate_up_proj": 2 * config["intermediate_size"],
+    }
+    for name, out_features in linears.items():
+        if out_features == vocab:
+            raise PhiconvertError(
+                f"{name} has vocab_size ({vocab}) outputs: the ONNX Runtime GenAI model builder would take it "
+                "for the LM head and export wrong logits"
+            )
+    rotary_dim = int(head_dim * config.get("partial_rotary_factor", 1.0))
+    if ep == "cpu" and (rotary_dim // 2) % 8:
+        raise PhiconvertError(
+            f"ONNX Runtime's CPU attention needs half the rotary dimension to be a multiple of 8; this model's "
+            f"rotary dimension is {rotary_dim} (head_dim {head_dim} x partial_rotary_factor)"
+        )
+
+
+def export(job: ExportJob) -> dict[str, Any]:
+    settings = settings_for(job.precision, job.options)
+    ep = settings["ep"]
+    check_runtime(ep)
+    check_model(json.loads((job.source / "config.json").read_text()), ep)
+
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    source, output, cache = str(job.source), str(job.output), str(job.work / "builder-cache")
+    options = builder_options(settings)
+    extra = parse_extra_options(None, source, output, job.precision, ep, cache, options)
+    create_model(None, source, output, job.precision, ep, cache, **extra)
+    return {
+        "settings": settings,
+        "builder_options": options,
+        "calibration": "not used: the builder's int4/int8 quantizers are data-free" if options else None,
+        "eos_token_id": ensure_end_of_turn(job.output),
+        **weight_report(job.output, job.source),
+    }
+
+
+def ensure_end_of_turn(artifact: Path) -> list[int]:
+    """Make genai_config.json stop generation at ``<|end|>`` even when the source's configs name only eos."""
+    from transformers import AutoTokenizer
+
+    config_file = artifact / "genai_config.json"
+    config = json.loads(config_file.read_text())
+    eos = config["model"]["eos_token_id"]
+    eos = eos if isinstance(eos, list) else [eos]
+    vocab = AutoTokenizer.from_pretrained(artifact).get_vocab()
+    if END_OF_TURN not in vocab:
+        raise PhiconvertError(f"the tokenizer has no {END_OF_TURN} token: not a Phi chat model")
+    if vocab[END_OF_TURN] not in eos:
+        eos = [vocab[END_OF_TURN], *eos]
+        config["model"]["eos_token_id"] = eos
+        config_file.write_text(json.dumps(config, indent=4) + "\n")
+    return eos
+
+
+def weight_report(artifact: Path, source: Path) -> dict[str, Any]:
+    """Bits of every weight matrix as the graph stores it, and on-disk bits per source weight."""
+    import onnx
+    from safetensors import safe_open
+
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    initializers = {t.name: t for t in graph.initializer}
+    bits: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            bits[node.name] = f"int{attributes.get('bits', 4)}"
+        elif node.op_type in ("MatMul", "Gather"):
+            weight = initializers.get(node.input[0 if node.op_type == "Gather" else 1])
+            if weight is not None:
+                bits[node.name] = onnx.helper.tensor_dtype_to_np_dtype(weight.data_type).name
+    counts: dict[str, int] = {}
+    for kind in bits.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    weights = 0
+    for file in source.glob("*.safetensors"):
+        with safe_open(str(file), framework="np") as handle:
+            weights += sum(int(np.prod(handle.get_slice(key).get_shape())) for key in handle.keys())
+    size = sum(p.stat().st_size for p in artifact.glob("model.onnx*"))
+    body = "int4" if "int4" in counts else max(counts, key=counts.get)
+    return {
+        "weights_by_type": counts,
+        "weight_type": body,
+        "other_weights": {name: kind for name, kind in sorted(bits.items()) if kind != body},
+        "bits_per_weight": round(8 * size / weights, 3),
+    }
+
+
+def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(artifact))
+    tokenizer = og.Tokenizer(model)
+    ids = tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    # og stops by itself at genai_config's eos ids; the stream keeps a character whose bytes span two tokens
+    stop, stream = {int(t) for t in tokenizer.eos_token_ids}, tokenizer.create_stream()
+    new, text = [], ""
+    while not generator.is_done():
+        generator.generate_next_token()
+        new.append(int(generator.get_next_tokens()[0]))
+        text += stream.decode(new[-1]) if new[-1] not in stop else ""
+    return Smoke(text=text, tokens=len(new), stopped_at_eot=bool(new) and new[-1] in stop)
+
+
+def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
+    """Prefill logits of each sequence, fed as given (appended ids get no BOS), in the artifact's own precision."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(artifact))
+    out = []
+    for ids in sequences:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids))
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        out.append(np.asarray(generator.get_output("logits"), dtype=np.float32)[0])
+    return out
+
+
+TARGET = Target(
+    name="ort-genai",
+    extra="ort-genai",
+    modules=("onnxruntime_genai", "onnx_ir", "onnx"),
+    packages=("onnxruntime-genai", "onnxruntime", "onnx-ir", "onnx"),
+    precisions=("int4", "int8", "fp16", "fp32"),
+    default_precision="int4",
+    export=export,
+    smoke=smoke,
+    logits=logits,
+    options=tuple(DEFAULTS),
+    check=lambda precision, options: settings_for(precision, options) and None,
+    notes={
+        "int4": "4-bit k-quant, asymmetric, blocks of 32; LM head and sensitive layers at 8 bits",
+        "int8": "8-bit weights, blocks of 32",
+        "fp16": "float16 weights and activations, for --ep cuda or dml",
+        "fp32": "float32, exact",
+    },
+)

@@ -1,0 +1,229 @@
+"""ONNX Runtime GenAI target: every precision of both bundled fixtures against the source's fp32 logits, a chat
+that stops at <|end|>, and proof that the check fails when the export is mis-wired."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURE_NAMES, checkpoint, leftovers
+
+from phiconvert import convert, pipeline, source
+from phiconvert.errors import PhiconvertError
+from phiconvert.targets import ExportJob, load
+from phiconvert.verify import Fidelity, bound_for, compare
+from phiconvert.worker import load_logits, run_reference
+
+og = pytest.importorskip("onnxruntime_genai")
+TARGET = load("ort-genai")
+OPTIONS = dict.fromkeys(TARGET.options)
+
+
+def stage(tmp_path: Path, name: str, layout: str = "hub", edit=None) -> Path:
+    """The pipeline's staging copy of a bundled fixture, in either config layout, optionally with an edited config."""
+    folder = checkpoint(tmp_path, name, layout, edit)
+    return source.stage(source.resolve(str(folder)), tmp_path / f"staging-{name}-{layout}")
+
+
+def export(staging: Path, tmp_path: Path, precision: str, **options) -> tuple[Path, dict]:
+    output, work = tmp_path / f"out-{precision}", tmp_path / f"work-{precision}"
+    output.mkdir()
+    work.mkdir()
+    job = ExportJob(staging, output, precision, {**OPTIONS, **options}, ["calibration text"], work)
+    return output, TARGET.export(job)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """name -> (sequences, source fp32 logits), computed once by the pipeline's own reference worker code."""
+    cache: dict[str, tuple[list[list[int]], list]] = {}
+
+    def get(name: str):
+        if name not in cache:
+            tmp = tmp_path_factory.mktemp(f"reference-{name}")
+            job = {
+                "source": str(stage(tmp, name)),
+                "text_file": str(pipeline.HELDOUT),
+                "windows": pipeline.WINDOWS,
+                "logits_out": str(tmp / "source.npz"),
+                "messages": pipeline.MESSAGES,
+                "max_new_tokens": pipeline.MAX_NEW_TOKENS,
+            }
+            result = run_reference(job, lambda event: None)
+            cache[name] = (result["sequences"], load_logits(tmp / "source.npz"))
+        return cache[name]
+
+    return get
+
+
+def fidelity(reference, name: str, artifact: Path) -> Fidelity:
+    sequences, source_logits = reference(name)
+    return compare(source_logits, TARGET.logits(artifact, sequences), sequences)
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8", "fp32"])
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_precision_within_bound(tmp_path, reference, name, precision):
+    artifact, details = export(stage(tmp_path, name), tmp_path, precision)
+    numbers = fidelity(reference, name, artifact)
+    assert numbers.positions == 64 + 384
+    assert numbers.failures(bound_for(precision)) == []
+    if precision == "fp32":
+        assert numbers.max_abs_logit_diff < 1e-4  # measured 7e-6 (tiny-phi3), 9e-6 (tiny-phi4mini)
+        assert details["weights_by_type"] == {"float32": details["weights_by_type"]["float32"]}
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_transformers5_layout_gives_the_same_artifact(tmp_path, reference, name):
+    (tmp_path / "hub").mkdir(), (tmp_path / "tf5").mkdir()
+    hub, _ = export(stage(tmp_path / "hub", name), tmp_path / "hub", "int4")
+    tf5, _ = export(stage(tmp_path / "tf5", name, "transformers5"), tmp_path / "tf5", "int4")
+    for file in ("model.onnx", "model.onnx.data", "genai_config.json"):
+        assert (hub / file).read_bytes() == (tf5 / file).read_bytes(), file
+    assert fidelity(reference, name, tf5).failures(bound_for("int4")) == []
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_artifact_loads_as_is_and_chat_stops_at_end_of_turn(tmp_path, name):
+    artifact, details = export(stage(tmp_path, name), tmp_path, "int4")
+    files = {p.name for p in artifact.iterdir()}
+    assert {
+        "model.onnx",
+        "genai_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= files
+    end = og.Tokenizer(og.Model(str(artifact))).to_token_id("<|end|>")
+    assert end in details["eos_token_id"]
+    reply = TARGET.smoke(artifact, pipeline.MESSAGES, 64)
+    assert reply.stopped_at_eot, reply
+    assert reply.text.strip() and "<|" not in reply.text
+
+
+def test_end_of_turn_added_when_generation_config_lacks_it(tmp_path):
+    staging = stage(tmp_path, "tiny-phi4mini")
+    (staging / "generation_config.json").unlink()  # config.json names only <|endoftext|>
+    artifact, details = export(staging, tmp_path, "fp32")
+    end = og.Tokenizer(og.Model(str(artifact))).to_token_id("<|end|>")
+    assert end in json.loads((artifact / "genai_config.json").read_text())["model"]["eos_token_id"]
+    assert TARGET.smoke(artifact, pipeline.MESSAGES, 64).stopped_at_eot
+
+
+def test_int4_default_is_mixed_k_quant_and_beats_plain_rtn(tmp_path, reference):
+    (tmp_path / "default").mkdir(), (tmp_path / "plain").mkdir()
+    staging = stage(tmp_path, "tiny-phi4mini")
+    default, details = export(staging, tmp_path / "default", "int4")
+    assert details["settings"] == {
+        "ep": "cpu", "group_size": 32, "sym": False, "accuracy_level": 4, "int4_algo": "k_quant_mixed",
+        "int8_lm_head": True,
+    }  # fmt: skip
+    assert "algo_config=k_quant" in details["builder_options"]
+    # the LM head, and through it the tied embeddings, stay at 8 bits, with llama.cpp's sensitive layers
+    assert details["other_weights"]["/lm_head/MatMul_Q8"] == "int8"
+    assert details["other_weights"]["/model/embed_tokens/GatherBlockQuantized"] == "int8"
+    assert details["other_weights"]["/model/layers.0/mlp/down_proj/MatMul_Q8"] == "int8"
+    assert set(details["weights_by_type"]) == {"int4", "int8"}
+    assert 4 < details["bits_per_weight"] < 8
+    plain, _ = export(staging, tmp_path / "plain", "int4", int4_algo="rtn", sym=True, int8_lm_head=False)
+    assert fidelity(reference, "tiny-phi4mini", default).kl < fidelity(reference, "tiny-phi4mini", plain).kl / 5
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"int4_algo": "rtn", "sym": True, "int8_lm_head": False, "group_size": 64},
+        {"int4_algo": "k_quant", "accuracy_level": 1, "group_size": 128},
+    ],
+)
+def test_int4_options_are_applied_and_pass_the_bound(tmp_path, reference, options):
+    artifact, details = export(stage(tmp_path, "tiny-phi4mini"), tmp_path, "int4", **options)
+    assert details["settings"].items() >= options.items()
+    assert ("/lm_head/MatMul_Q8" in details["other_weights"]) == details["settings"]["int8_lm_head"]
+    assert fidelity(reference, "tiny-phi4mini", artifact).failures(bound_for("int4")) == []
+
+
+def drop_partial_rotary(config: dict) -> None:
+    del config["partial_rotary_factor"]
+    for key in ("short_factor", "long_factor"):  # transformers wants one factor per rotary pair: 32, not 24
+        config["rope_scaling"][key] += [config["rope_scaling"][key][-1]] * 8
+
+
+def untie_lm_head(config: dict) -> None:
+    config["tie_word_embeddings"] = False  # the checkpoint has no lm_head.weight: it is left random
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("edit", [drop_partial_rotary, untie_lm_head])
+def test_mis_wired_export_fails_verification(tmp_path, reference, edit, precision):
+    artifact, _ = export(stage(tmp_path, "tiny-phi4mini", edit=edit), tmp_path, precision)
+    assert fidelity(reference, "tiny-phi4mini", artifact).failures(bound_for(precision))
+
+
+@pytest.mark.parametrize(
+    ("precision", "options", "message"),
+    [
+        ("fp16", {}, "fp16 is not built for --ep cpu"),
+        ("int8", {"ep": "dml"}, "int8 is not built for --ep dml"),
+        ("int4", {"ep": "tpu"}, "--ep tpu is not one of"),
+        ("int4", {"group_size": 48}, "--group-size 48 is not one of"),
+        ("fp32", {"group_size": 32}, "apply to int4 and int8 only"),
+        ("int8", {"int4_algo": "rtn"}, "apply to int4 only"),
+        ("int4", {"int4_algo": "gptq"}, "--int4-algo gptq is not one of"),
+        ("int4", {"sym": True}, "k-quant is asymmetric"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path, precision, options, message):
+    output = tmp_path / "out"
+    output.mkdir()
+    job = ExportJob(tmp_path, output, precision, {**OPTIONS, **options}, ["x"], tmp_path)
+    with pytest.raises(PhiconvertError, match=message) as info:
+        TARGET.export(job)
+    assert "\n" not in str(info.value)
+    assert leftovers(output) == []
+
+
+@pytest.mark.skipif(og.is_cuda_available(), reason="this onnxruntime-genai has CUDA")
+def test_cuda_without_a_cuda_runtime_is_a_clear_error(tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    job = ExportJob(stage(tmp_path, "tiny-phi3"), output, "fp16", {**OPTIONS, "ep": "cuda"}, ["x"], tmp_path)
+    with pytest.raises(PhiconvertError, match="install onnxruntime-genai-cuda"):
+        TARGET.export(job)
+    assert leftovers(output) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"intermediate_size": 1755, "vocab_size": 3510}, "would take it for the LM head"),
+        ({"hidden_size": 128}, "multiple of 8"),  # head_dim 32: rotary dimension 24
+    ],
+)
+def test_shapes_the_builder_gets_wrong_are_refused(tmp_path, edit, message):
+    output = tmp_path / "out"
+    output.mkdir()
+    staging = stage(tmp_path, "tiny-phi4mini", edit=lambda config: config.update(edit))
+    with pytest.raises(PhiconvertError, match=message):
+        TARGET.export(ExportJob(staging, output, "fp32", OPTIONS, ["x"], tmp_path))
+    assert leftovers(output) == []
+
+
+@pytest.mark.slow
+def test_convert_end_to_end(tmp_path):
+    output = tmp_path / "phi4mini-ort-int4"
+    report = convert(target="ort-genai", precision="int4", output=output)
+    assert report["fidelity"]["passed"], report["fidelity"]
+    assert report["smoke"]["stopped_at_eot"]
+    assert report["details"]["settings"]["int4_algo"] == "k_quant_mixed"
+    assert {"model.onnx", "genai_config.json", "chat_template.jinja"} <= set(report["files"])
+    assert (output / "phiconvert.json").is_file()
+    assert leftovers(tmp_path) == ["phi4mini-ort-int4"]
+
+
+@pytest.mark.slow
+def test_convert_error_leaves_nothing_behind(tmp_path):
+    with pytest.raises(PhiconvertError, match="fp16 is not built for --ep cpu"):
+        convert(target="ort-genai", precision="fp16", output=tmp_path / "out")
+    assert leftovers(tmp_path) == []
