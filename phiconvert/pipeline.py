@@ -235,7 +235,7 @@ def _report(
     if reference is not None:
         sequences = reference["result"]["sequences"]
         numbers = compare(load_logits(work / "source.npz"), load_logits(work / "artifact.npz"), sequences)
-        bound = bound_for(precision)
+        bound = bound_for(result["details"].get("bound", precision))
         failures = numbers.failures(bound)
         source_text = reference["result"]["smoke"]["text"]
         fidelity = {

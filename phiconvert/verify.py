@@ -20,14 +20,19 @@ class Bound:
     ppl_pct: float  # maximum perplexity increase, percent of the source perplexity
 
 
-# One table for every target, keyed by precision name. Measured on the bundled trained fixtures (see
-# docs/fidelity.md); tight enough that a wrong rope, a dropped partial rotary factor or a mis-wired LM head fails.
+# One table for every target, keyed by precision name, checked on the worst window. Set from measurements on the
+# bundled trained fixtures (docs/fidelity.md): every target's own numbers pass with margin, while the classic
+# silent breakages fail even the int4 row (tests/test_verify.py): longrope's short and long factors swapped
+# (worst window top-1 0.78-0.88, KL 0.026), a dropped partial rotary factor (0.63-0.73, KL 0.08-0.10), an untied
+# or mis-wired LM head (top-1 0).
 BOUNDS: dict[str, Bound] = {
     "fp32": Bound(top1=0.995, kl=1e-4, ppl_pct=0.1),
-    "fp16": Bound(top1=0.98, kl=5e-3, ppl_pct=1.0),
-    "bf16": Bound(top1=0.95, kl=2e-2, ppl_pct=2.0),
-    "int8": Bound(top1=0.95, kl=2e-2, ppl_pct=2.0),
-    "int4": Bound(top1=0.80, kl=0.15, ppl_pct=15.0),
+    "fp16": Bound(top1=0.98, kl=1e-3, ppl_pct=0.5),
+    "bf16": Bound(top1=0.97, kl=2e-3, ppl_pct=1.0),
+    "int8": Bound(top1=0.95, kl=2e-3, ppl_pct=1.0),
+    "int4": Bound(top1=0.89, kl=0.015, ppl_pct=5.0),
+    # mlx-lm's mixed_3_4 recipe: 3.6 bits per weight, measured top-1 0.86, KL 0.015 on tiny-phi4mini
+    "mixed_3_4": Bound(top1=0.78, kl=0.04, ppl_pct=8.0),
 }
 # Precision names of the individual targets that share a row of the table above.
 ALIASES = {

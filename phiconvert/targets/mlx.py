@@ -90,7 +90,10 @@ def export(job: ExportJob) -> dict[str, Any]:
     _ensure_end_of_turn(job.output)
     model, tokenizer, config = load(str(job.output), return_config=True)  # as `mlx_lm.generate` loads it
     details = {"settings": settings, "eos_token_ids": sorted(tokenizer.eos_token_ids), **_describe(model, config)}
-    return {**details, "rope": _rope_report(model, tokenizer, job.calibration)}
+    details["rope"] = _rope_report(model, tokenizer, job.calibration)
+    if settings["recipe"] == "mixed_3_4":
+        details["bound"] = "mixed_3_4"  # 3.6 bits per weight: held to its own row of verify.BOUNDS, not int4's
+    return details
 
 
 def _convert_gptq(source: Path, built: Path, settings: dict[str, Any], calibration: list[str]) -> dict[str, Any]:
