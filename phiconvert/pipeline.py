@@ -257,7 +257,7 @@ def _report(
         "options": options,
         "toolchain": result.get("versions", {}),
         "size_bytes": sum(p.stat().st_size for p in files),
-        "files": sorted(str(p.relative_to(artifact)) for p in files),
+        "files": sorted([str(p.relative_to(artifact)) for p in files] + ["phiconvert.json"]),
         "stages": (reference or {}).get("stages", []) + target_run["stages"],
         "peak_rss": {"target": target_run.get("peak_rss"), "reference": (reference or {}).get("peak_rss")},
         "smoke": {"messages": MESSAGES, **result["smoke"]},
