@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from phiconvert import pipeline, source
 from phiconvert.source import FIXTURES
+from phiconvert.worker import load_logits, run_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_NAMES = ("tiny-phi3", "tiny-phi4mini")
@@ -51,3 +53,32 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
 @pytest.fixture(params=FIXTURE_NAMES)
 def fixture_name(request) -> str:
     return request.param
+
+
+def stage(tmp_path: Path, name: str, layout: str = "hub", edit=None) -> Path:
+    """The pipeline's staging copy of a bundled fixture, in either config layout, optionally with an edited config."""
+    folder = checkpoint(tmp_path, name, layout, edit)
+    return source.stage(source.resolve(str(folder)), tmp_path / f"staging-{name}-{layout}")
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """name -> (sequences, source fp32 logits), computed once per session by the pipeline's own reference code."""
+    cache: dict[str, tuple[list[list[int]], list]] = {}
+
+    def get(name: str):
+        if name not in cache:
+            tmp = tmp_path_factory.mktemp(f"reference-{name}")
+            job = {
+                "source": str(stage(tmp, name)),
+                "text_file": str(pipeline.HELDOUT),
+                "windows": pipeline.WINDOWS,
+                "logits_out": str(tmp / "source.npz"),
+                "messages": pipeline.MESSAGES,
+                "max_new_tokens": pipeline.MAX_NEW_TOKENS,
+            }
+            result = run_reference(job, lambda event: None)
+            cache[name] = (result["sequences"], load_logits(tmp / "source.npz"))
+        return cache[name]
+
+    return get

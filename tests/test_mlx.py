@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURE_NAMES, checkpoint, leftovers
+from conftest import FIXTURE_NAMES, checkpoint, leftovers, stage
 
 from phiconvert import convert, pipeline, source
 from phiconvert.errors import PhiconvertError
 from phiconvert.targets import ExportJob, load
 from phiconvert.verify import Fidelity, bound_for, compare
-from phiconvert.worker import load_logits, run_reference
 
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -24,41 +23,12 @@ OPTIONS = dict.fromkeys(TARGET.options)
 CALIBRATION = pipeline.calibration_samples(None)
 
 
-def stage(tmp_path: Path, name: str, layout: str = "hub", edit=None) -> Path:
-    """The pipeline's staging copy of a bundled fixture, in either config layout, optionally with an edited config."""
-    folder = checkpoint(tmp_path, name, layout, edit)
-    return source.stage(source.resolve(str(folder)), tmp_path / f"staging-{name}-{layout}")
-
-
 def export(staging: Path, tmp_path: Path, precision: str, **options) -> tuple[Path, dict]:
     output, work = tmp_path / f"out-{precision}", tmp_path / f"work-{precision}"
     output.mkdir()
     work.mkdir()
     job = ExportJob(staging, output, precision, {**OPTIONS, **options}, CALIBRATION, work)
     return output, TARGET.export(job)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """name -> (sequences, source fp32 logits), computed once by the pipeline's own reference worker code."""
-    cache: dict[str, tuple[list[list[int]], list]] = {}
-
-    def get(name: str):
-        if name not in cache:
-            tmp = tmp_path_factory.mktemp(f"reference-{name}")
-            job = {
-                "source": str(stage(tmp, name)),
-                "text_file": str(pipeline.HELDOUT),
-                "windows": pipeline.WINDOWS,
-                "logits_out": str(tmp / "source.npz"),
-                "messages": pipeline.MESSAGES,
-                "max_new_tokens": pipeline.MAX_NEW_TOKENS,
-            }
-            result = run_reference(job, lambda event: None)
-            cache[name] = (result["sequences"], load_logits(tmp / "source.npz"))
-        return cache[name]
-
-    return get
 
 
 def fidelity(reference, name: str, artifact: Path) -> Fidelity:

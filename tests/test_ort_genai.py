@@ -7,23 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_NAMES, checkpoint, leftovers
+from conftest import FIXTURE_NAMES, leftovers, stage
 
-from phiconvert import convert, pipeline, source
+from phiconvert import convert, pipeline
 from phiconvert.errors import PhiconvertError
 from phiconvert.targets import ExportJob, load
 from phiconvert.verify import Fidelity, bound_for, compare
-from phiconvert.worker import load_logits, run_reference
 
 og = pytest.importorskip("onnxruntime_genai")
 TARGET = load("ort-genai")
 OPTIONS = dict.fromkeys(TARGET.options)
-
-
-def stage(tmp_path: Path, name: str, layout: str = "hub", edit=None) -> Path:
-    """The pipeline's staging copy of a bundled fixture, in either config layout, optionally with an edited config."""
-    folder = checkpoint(tmp_path, name, layout, edit)
-    return source.stage(source.resolve(str(folder)), tmp_path / f"staging-{name}-{layout}")
 
 
 def export(staging: Path, tmp_path: Path, precision: str, **options) -> tuple[Path, dict]:
@@ -32,29 +25,6 @@ def export(staging: Path, tmp_path: Path, precision: str, **options) -> tuple[Pa
     work.mkdir()
     job = ExportJob(staging, output, precision, {**OPTIONS, **options}, ["calibration text"], work)
     return output, TARGET.export(job)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """name -> (sequences, source fp32 logits), computed once by the pipeline's own reference worker code."""
-    cache: dict[str, tuple[list[list[int]], list]] = {}
-
-    def get(name: str):
-        if name not in cache:
-            tmp = tmp_path_factory.mktemp(f"reference-{name}")
-            job = {
-                "source": str(stage(tmp, name)),
-                "text_file": str(pipeline.HELDOUT),
-                "windows": pipeline.WINDOWS,
-                "logits_out": str(tmp / "source.npz"),
-                "messages": pipeline.MESSAGES,
-                "max_new_tokens": pipeline.MAX_NEW_TOKENS,
-            }
-            result = run_reference(job, lambda event: None)
-            cache[name] = (result["sequences"], load_logits(tmp / "source.npz"))
-        return cache[name]
-
-    return get
 
 
 def fidelity(reference, name: str, artifact: Path) -> Fidelity:

@@ -1,0 +1,227 @@
+"""Hugging Face-format targets: gptq (our GPTQ + gptqmodel's loader in the managed environment), awq, bnb, torchao.
+
+Fast tests check the GPTQ algorithm and checkpoint layout with plain torch, and the one-line refusals. Slow tests
+measure GPTQ against round-to-nearest on the trained fixtures, and convert end to end through phiconvert.convert.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import phiconvert
+from phiconvert import envs, pipeline, source, targets
+from phiconvert.errors import PhiconvertError
+from phiconvert.targets import bnb, gptq, hf_common
+from phiconvert.verify import compare
+
+FIXTURES = ("tiny-phi3", "tiny-phi4mini")
+GPTQ_READY = not targets.missing_modules(gptq.TARGET) or envs.python("gptq") is not None
+needs_gptq_env = pytest.mark.skipif(not GPTQ_READY, reason="no GPTQ toolchain: run `phiconvert setup gptq` first")
+
+
+def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of the GPTQ packing along dim 0, written independently of the module under test."""
+    per_word = 32 // bits
+    parts = [(words.to(torch.int64) >> (bits * k)) & (2**bits - 1) for k in range(per_word)]
+    return torch.stack(parts, dim=1).reshape(words.shape[0] * per_word, *words.shape[1:])
+
+
+def correlated_layer(out_features: int = 96, in_features: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight and the Hessian of inputs with uneven, correlated channels (as real activations have)."""
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(in_features, in_features, generator=generator) * torch.rand(in_features, generator=generator)
+    inputs = torch.randn(2048, in_features, generator=generator) @ mixing
+    return torch.randn(out_features, in_features, generator=generator), inputs.T @ inputs
+
+
+def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    delta = weight - dequantized
+    return float(torch.trace(delta @ hessian @ delta.T))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_checkpoint_layout_dequantizes_to_the_quantized_weight(bits, sym, desc_act):
+    weight, hessian = correlated_layer()
+    chosen = gptq.Settings(bits=bits, group_size=64, sym=sym, desc_act=desc_act)
+    q, ints, scales, zeros, g_idx = gptq.quantize_weight(weight, hessian, chosen)
+    packed = gptq.pack(ints, scales, zeros, g_idx, chosen)
+
+    assert packed.qweight.dtype == packed.qzeros.dtype == packed.g_idx.dtype == torch.int32
+    assert packed.qweight.shape == (256 * bits // 32, 96) and packed.qzeros.shape == (4, 96 * bits // 32)
+    assert packed.scales.dtype == torch.float16 and packed.scales.shape == (4, 96)
+    assert sorted(torch.bincount(packed.g_idx).tolist()) == [64] * 4
+    assert (packed.g_idx != torch.arange(256) // 64).any() == desc_act  # act-order permutes the groups
+    stored = unpack(packed.qweight, bits)  # (in, out)
+    zero = (unpack(packed.qzeros.T, bits).T + 1) & (2**bits - 1)  # v1 layout keeps zero - 1
+    g = packed.g_idx.long()
+    loaded = packed.scales.float()[g] * (stored - zero[g])
+    assert torch.equal(loaded.T, q)  # what a GPTQ loader computes is exactly what quantization evaluated
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_error_feedback_beats_round_to_nearest_on_a_layer(desc_act):
+    weight, hessian = correlated_layer()
+    chosen = gptq.Settings(bits=4, group_size=64, sym=True, desc_act=desc_act)
+    rtn = gptq.quantize_weight(weight, hessian, chosen, rtn=True)[0]
+    ours = gptq.quantize_weight(weight, hessian, chosen)[0]
+    assert output_error(weight, ours, hessian) < 0.7 * output_error(weight, rtn, hessian)
+
+
+def test_calibration_chunks_keep_short_paragraphs():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.bundled("tiny-phi4mini"))
+    paragraphs = pipeline.calibration_samples(None)
+    chunks = hf_common.calibration_chunks(tokenizer, paragraphs, 512, 128)
+    assert len(chunks) >= 4 and {len(c) for c in chunks} == {512}
+    assert hf_common.calibration_chunks(tokenizer, ["a short text"], 512, 128)[0]  # one shorter chunk, not none
+
+
+def test_gptq_environment_is_fully_pinned_to_cpu_torch():
+    lines = [line.split(";")[0].strip() for line in (envs.REQUIREMENTS / "gptq.txt").read_text().splitlines()]
+    pins = [line for line in lines if line and not line.startswith("#")]
+    assert all("==" in pin for pin in pins)
+    pins = [pin.lower() for pin in pins]
+    assert "torch==2.13.0+cpu" in pins and "gptqmodel==7.6.0" in pins and "auto-round==0.16.1" in pins
+    assert not [pin for pin in pins if pin.lower().startswith(("nvidia", "triton", "torchvision"))]
+
+
+def test_bnb_is_refused_on_macos(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(PhiconvertError, match="macOS"):
+        bnb.check("nf4", {})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda():
+    with pytest.raises(PhiconvertError, match="no CUDA device"):
+        gptq.check("int4", {"device": "cuda"})
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_mps_requested_without_mps():
+    with pytest.raises(PhiconvertError, match="MPS is not available"):
+        gptq.check("int4", {"device": "mps"})
+
+
+@pytest.mark.parametrize(
+    ("target", "options", "message"),
+    [
+        ("gptq", {"device": "tpu"}, "--device must be one of"),
+        ("gptq", {"group_size": 100}, "--group-size for gptq must be one of"),
+        ("awq", {"group_size": 256}, "--group-size for awq must be one of"),
+        ("torchao", {"group_size": 48}, "--group-size for torchao must be one of"),
+    ],
+)
+def test_bad_options_are_one_line_errors(target, options, message):
+    adapter = targets.load(target)
+    with pytest.raises(PhiconvertError, match=message):
+        adapter.check(adapter.default_precision, {name: options.get(name) for name in adapter.options})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target": "awq", "precision": "int8"}, "cannot do precision 'int8'"),
+        ({"target": "awq", "desc_act": True}, "--desc-act does not apply to target 'awq'"),
+        ({"target": "bnb", "group_size": 64}, "--group-size does not apply to target 'bnb'"),
+        ({"target": "torchao", "device": "cpu"}, "--device does not apply to target 'torchao'"),
+    ],
+)
+def test_convert_refuses_before_any_work(tmp_path, kwargs, message):
+    with pytest.raises(PhiconvertError, match=message):
+        phiconvert.convert(output=tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_gptq_beats_round_to_nearest_on_the_fixture(fixture):
+    """The reason to run GPTQ: at the same bits and group size, its logits stay closer to the source's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    path = source.bundled(fixture)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(pipeline.HELDOUT.read_text(), add_special_tokens=False)["input_ids"]
+    sequences = [ids[start : start + length] for start, length in pipeline.WINDOWS]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    reference = hf_common.logits_with(model, sequences)
+    chunks = hf_common.calibration_chunks(
+        tokenizer, pipeline.calibration_samples(None), gptq.SEQUENCE_LENGTH, gptq.MAX_SAMPLES
+    )
+    chosen = gptq.Settings(bits=4, group_size=gptq.DEFAULT_GROUP_SIZE, sym=True, desc_act=False)
+    results = {}
+    for method in ("rtn", "gptq"):
+        quantized = copy.deepcopy(model)  # quantize_model leaves the dequantized weights in the model
+        gptq.quantize_model(quantized, chunks, chosen, "cpu", rtn=method == "rtn")
+        results[method] = compare(reference, hf_common.logits_with(quantized, sequences), sequences)
+    rtn, ours = results["rtn"], results["gptq"]
+    print(f"\n{fixture} int4 g128 sym: RTN top-1 {rtn.top1:.4f} KL {rtn.kl:.5f} ppl {rtn.ppl_pct:+.3f}% | "
+          f"GPTQ top-1 {ours.top1:.4f} KL {ours.kl:.5f} ppl {ours.ppl_pct:+.3f}%")  # fmt: skip
+    assert ours.kl < 0.6 * rtn.kl
+    assert ours.top1 >= rtn.top1
+    assert ours.ppl_pct < rtn.ppl_pct
+
+
+def check_report(report: dict) -> None:
+    assert report["fidelity"]["passed"], report["fidelity"]["failures"]
+    assert report["smoke"]["stopped_at_eot"] and report["smoke"]["text"].strip()
+    output = Path(report["output"])
+    for name in ("config.json", "tokenizer_config.json", "generation_config.json", "phiconvert.json"):
+        assert (output / name).is_file(), name
+    config = json.loads((output / "config.json").read_text())
+    assert "rope_parameters" not in config and config["partial_rotary_factor"] == 0.75  # hub layout, like the source
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("target", "precision"), [("bnb", "nf4"), ("bnb", "fp4"), ("bnb", "int8"), ("torchao", "8da4w")]
+)
+def test_convert_end_to_end(tmp_path, target, precision):
+    adapter = targets.load(target)
+    if targets.missing_modules(adapter):
+        pytest.skip(f'needs pip install "phiconvert[{adapter.extra}]"')
+    report = phiconvert.convert(target=target, precision=precision, output=tmp_path / "out")
+    check_report(report)
+    if target == "bnb":
+        assert report["details"]["reload_check"]["reloaded_generates_same"]
+        assert 4.4 < report["details"]["bits_per_weight"] < 4.6 or precision == "int8"
+
+
+@pytest.mark.slow
+@needs_gptq_env
+@pytest.mark.parametrize(
+    ("target", "precision", "options"),
+    [
+        ("gptq", "int4", {}),
+        ("gptq", "int4", {"desc_act": True, "sym": False, "group_size": 64}),
+        ("gptq", "int8", {}),
+        ("awq", "int4", {}),
+    ],
+)
+def test_convert_through_the_managed_environment(tmp_path, target, precision, options):
+    report = phiconvert.convert(target=target, precision=precision, output=tmp_path / "out", **options)
+    check_report(report)
+    if targets.missing_modules(targets.load(target)):  # ran in the managed environment, with its own transformers
+        assert report["toolchain"]["gptqmodel"] == "7.6.0"
+        assert report["toolchain"]["transformers"] != importlib.metadata.version("transformers")
+    config = json.loads((Path(report["output"]) / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == target
+    from safetensors import safe_open
+
+    with safe_open(str(Path(report["output"]) / "model.safetensors"), "pt") as handle:
+        names = set(handle.keys())
+    # Phi-3's fused layers stay fused (gptqmodel's own writer splits gate_up_proj, which transformers cannot load)
+    assert {"model.layers.0.self_attn.qkv_proj.qweight", "model.layers.0.mlp.gate_up_proj.qweight"} <= names
+    if target == "gptq":
+        assert config["desc_act"] == bool(options.get("desc_act")) and config["sym"] == options.get("sym", True)
