@@ -82,7 +82,7 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda", "mps"],
-        help="gptq/awq/bnb/torchao: where calibration and quantization run (auto: CUDA, MPS, else CPU)",
+        help="gptq/awq: where calibration and quantization run (auto: CUDA, MPS, else CPU)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logit comparison")

@@ -49,7 +49,7 @@ def setup(name: str, echo=print) -> Path:
     steps += [pip + ["--upgrade", "pip"], pip + ["-r", str(requirements)]]
     for step in steps:
         echo(f"$ {' '.join(step)}")
-        if subprocess.run(step).returncode != 0:
+        if subprocess.run(step, stdout=sys.stderr).returncode != 0:  # stdout carries only the interpreter path
             raise PhiconvertError(f"setting up environment '{name}' failed at: {' '.join(step[-2:])}")
     (target / ".ready").write_text(requirements.read_text())
     return target / "bin" / "python"

@@ -10,3 +10,5 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0 -e ".[all,dev]"
 # optimum-intel requires an unpinned torchvision whose PyPI build breaks `import transformers` beside CPU torch.
 .venv/bin/python -m pip uninstall -y -q torchvision
+# The GPTQ/AWQ toolchain's own environment, under the user cache (reused when already there).
+.venv/bin/phiconvert setup gptq > /dev/null

@@ -1,0 +1,123 @@
+"""AWQ checkpoints (Hugging Face / AutoAWQ "gemm" layout), quantized with AutoRound's AWQ: activation-aware
+channel scaling and clipping searched on the calibration text, then round-to-nearest of the scaled weights.
+
+AutoRound has Phi-3 mappings for the fused layers (input_layernorm -> qkv_proj, qkv_proj -> o_proj,
+post_attention_layernorm -> gate_up_proj, gate_up_proj -> down_proj), so the checkpoint keeps them fused.
+transformers loads AWQ through gptqmodel, like GPTQ, so this target shares the managed `gptq` environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from typing import Any
+
+from phiconvert.errors import PhiconvertError
+from phiconvert.targets import ExportJob, Target, hf_common
+
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 128
+SEQUENCE_LENGTH = 512  # calibration chunk length (tokens)
+MAX_SAMPLES = 128
+
+
+def settings(options: dict[str, Any]) -> dict[str, Any]:
+    group_size = options.get("group_size") or DEFAULT_GROUP_SIZE
+    if group_size not in GROUP_SIZES:
+        raise PhiconvertError(f"--group-size for awq must be one of {', '.join(map(str, GROUP_SIZES))}")
+    # AWQ's usual form is asymmetric (a zero point per group); --sym stores no zero points
+    return {"bits": 4, "group_size": group_size, "sym": bool(options.get("sym"))}
+
+
+def check(precision: str, options: dict[str, Any]) -> None:
+    settings(options)
+    hf_common.check_device(options.get("device"))
+
+
+def export(job: ExportJob) -> dict[str, Any]:
+    device = hf_common.resolve_device(job.options.get("device"))  # first: it sets up MPS before torch starts
+    import torch
+    from auto_round import AutoRound
+    from auto_round.algorithms.transforms.awq.config import AWQConfig
+    from transformers import AutoTokenizer
+
+    chosen = settings(job.options)
+    tokenizer = AutoTokenizer.from_pretrained(job.source)
+    chunks = hf_common.calibration_chunks(tokenizer, job.calibration, SEQUENCE_LENGTH, MAX_SAMPLES)
+    # token tensors, not strings: AutoRound silently drops text samples shorter than its sequence length
+    rounder = AutoRound(
+        str(job.source),
+        tokenizer=tokenizer,
+        scheme="W4A16",
+        alg_configs=AWQConfig(apply_clip=True),
+        bits=4,
+        group_size=chosen["group_size"],
+        sym=chosen["sym"],
+        dataset=[torch.tensor([ids]) for ids in chunks],
+        nsamples=len(chunks),
+        seqlen=len(chunks[0]),
+        device_map=device,
+        enable_torch_compile=False,
+    )
+    built = job.work / "awq"
+    with _Skipped() as skipped:
+        rounder.quantize_and_save(str(built), format="auto_awq")
+    folder = next(p.parent for p in sorted(built.rglob("config.json")))  # AutoRound writes into a subfolder
+    for item in folder.iterdir():
+        shutil.move(str(item), job.output / item.name)
+    hf_common.hub_layout_config(job.output)
+    hf_common.copy_support_files(job.source, job.output)
+    config = json.loads((job.output / "config.json").read_text())["quantization_config"]
+    if config.get("quant_method") != "awq":
+        raise PhiconvertError(f"AutoRound wrote a '{config.get('quant_method')}' checkpoint, not AWQ")
+    not_converted = config.get("modules_to_not_convert") or []
+    layers = [n for n in hf_common.linear_names(job.source) if not any(n.startswith(m) for m in not_converted)]
+    return {
+        "method": "awq (AutoRound: scale + clip search, then round-to-nearest)",
+        "settings": {k: config.get(k) for k in ("bits", "group_size", "zero_point", "version")} | {"device": device},
+        "calibration": {"chunks": len(chunks), "tokens_per_chunk": len(chunks[0])},
+        "kept_in_float16": ["model.embed_tokens", *not_converted, "norms"],
+        # AutoRound cannot fold a scale into part of a fused layer's outputs, so it does not scale the layers fed by
+        # Phi-3's qkv_proj and gate_up_proj (o_proj, down_proj): those are clipped and rounded without AWQ scaling
+        "awq_not_applied_after": skipped.layers,
+        "bits_per_weight": round(hf_common.bits_per_weight(job.output, job.source, layers), 3),
+    }
+
+
+class _Skipped(logging.Handler):
+    """Collects the layers through which AutoRound logs it could not apply AWQ scaling (it only warns)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.layers: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r"Skipping AWQ for '([^']+)'", record.getMessage())
+        if found:
+            self.layers.append(found.group(1))
+
+    def __enter__(self) -> _Skipped:
+        logging.getLogger("autoround").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("autoround").removeHandler(self)
+
+
+TARGET = Target(
+    name="awq",
+    extra="gptq",
+    modules=("gptqmodel", "auto_round"),
+    packages=("auto-round", "gptqmodel", "transformers", "torch"),
+    precisions=("int4",),
+    default_precision="int4",
+    export=export,
+    smoke=hf_common.smoke,
+    logits=hf_common.logits,
+    options=("group_size", "sym", "device"),
+    check=check,
+    environment="gptq",
+    notes={"int4": "AWQ 4-bit, asymmetric, group 128 by default (--group-size 32/64/128, --sym)"},
+)

@@ -1,0 +1,89 @@
+"""bitsandbytes checkpoints: 4-bit NF4 / FP4 (blockwise, 64 weights per absmax) or 8-bit LLM.int8(), the layout
+`from_pretrained` reloads with no quantization_config argument.
+
+bitsandbytes quantizes while transformers loads the model, so the artifact is whatever `save_pretrained` writes from
+that in-memory model. Serialization of quantized states has broken before, so export reloads the saved folder and
+checks that it generates exactly what the in-memory model generated.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from phiconvert.errors import PhiconvertError
+from phiconvert.targets import ExportJob, Target, hf_common
+
+# a fixed prompt for the reload check (the smoke test's prompt is the pipeline's business)
+PROBE = [{"role": "user", "content": "How do I reverse a list in Python?"}]
+PROBE_TOKENS = 32
+
+
+def check(precision: str, options: dict[str, Any]) -> None:
+    if sys.platform == "darwin":
+        raise PhiconvertError("bitsandbytes does not run on macOS; use --target torchao, mlx or gguf there")
+
+
+def quantization_config(precision: str) -> Any:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # float32 compute: the verification compares against the fp32 source, and the config keeps it for every load
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=precision,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=False,
+    )
+
+
+def export(job: ExportJob) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = quantization_config(job.precision)
+    # the unquantized tensors (embeddings, norms, LM head) keep the source's dtype
+    model = AutoModelForCausalLM.from_pretrained(job.source, quantization_config=config, device_map="cpu").eval()
+    model.save_pretrained(job.output)
+    hf_common.hub_layout_config(job.output)
+    hf_common.copy_support_files(job.source, job.output)
+
+    tokenizer = AutoTokenizer.from_pretrained(job.output)
+    before, _ = hf_common.generate_ids(model, tokenizer, job.output, PROBE, PROBE_TOKENS)
+    reloaded = AutoModelForCausalLM.from_pretrained(job.output, device_map="cpu").eval()
+    after, _ = hf_common.generate_ids(reloaded, tokenizer, job.output, PROBE, PROBE_TOKENS)
+    if before != after:
+        raise PhiconvertError(
+            f"the saved bitsandbytes {job.precision} checkpoint generates differently after reloading: "
+            f"{before} in memory, {after} reloaded"
+        )
+    layers = hf_common.linear_names(job.source)
+    saved = config.to_dict()
+    return {
+        "settings": {k: v for k, v in saved.items() if k.startswith(("bnb_4bit", "load_in", "llm_int8_threshold"))},
+        "blocksize": 64 if job.precision != "int8" else None,
+        "quantized_layers": len(layers),
+        "kept_in_source_dtype": ["model.embed_tokens", "lm_head", "norms"],
+        "bits_per_weight": round(hf_common.bits_per_weight(job.output, job.source, layers), 3),
+        "reload_check": {"reloaded_generates_same": True, "prompt": PROBE[0]["content"], "tokens": len(before)},
+    }
+
+
+TARGET = Target(
+    name="bnb",
+    extra="bnb",
+    modules=("bitsandbytes",),
+    packages=("bitsandbytes", "transformers", "torch"),
+    precisions=("nf4", "fp4", "int8"),
+    default_precision="nf4",
+    export=export,
+    smoke=hf_common.smoke,
+    logits=hf_common.logits,
+    check=check,
+    notes={
+        "nf4": "4-bit NormalFloat, blocks of 64, float32 compute",
+        "fp4": "4-bit float, blocks of 64, float32 compute",
+        "int8": "LLM.int8(): per-row int8 with outlier columns in 16-bit",
+    },
+)

@@ -1,0 +1,191 @@
+"""What the Hugging Face-format targets (gptq, awq, bnb, torchao) share: their artifact is a transformers checkpoint.
+
+So the smoke test and the logits run in plain transformers (with the format's kernels underneath), the artifact
+carries the source's tokenizer files, chat template and generation config, and the calibration text becomes
+fixed-length token chunks. Toolchain imports stay inside functions (the parent process imports these modules too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phiconvert.errors import PhiconvertError
+from phiconvert.targets import Smoke
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+# files of a checkpoint folder that describe the weights; everything else (tokenizer, chat template, generation
+# config) is copied into the artifact as it is
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, in the parent, before any work starts."""
+    if device is None or device in ("auto", "cpu"):
+        return
+    if device not in DEVICES:
+        raise PhiconvertError(f"--device must be one of {', '.join(DEVICES)}, not '{device}'")
+    resolve_device(device)
+
+
+def resolve_device(device: str | None) -> str:
+    """The torch device quantization runs on: auto = CUDA, else MPS (with CPU fallback for missing ops), else CPU."""
+    device = device or "auto"
+    if device == "mps" or (device == "auto" and sys.platform == "darwin"):
+        # read when torch starts: operations MPS lacks (some linalg) then run on the CPU instead of failing
+        os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PhiconvertError("--device cuda: no CUDA device is available to this torch build")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise PhiconvertError("--device mps: MPS is not available (it needs Apple silicon and macOS)")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return device
+
+
+def copy_support_files(source: Path, output: Path) -> None:
+    """Copy tokenizer files, chat template and generation config, so the artifact loads and chats on its own."""
+    for item in sorted(source.iterdir()):
+        if item.is_file() and not any(item.match(pattern) for pattern in WEIGHT_FILES):
+            if not (output / item.name).exists():
+                shutil.copyfile(item, output / item.name)  # follows the staging folder's links
+
+
+def hub_layout_config(output: Path) -> None:
+    """Rewrite a config.json saved by transformers 5 in the hub layout (top-level rope keys, `rope_scaling` with
+    "type"), the layout of the published Phi checkpoints: transformers 4 and other runtimes silently ignore
+    `rope_parameters` and would rotate with the wrong partial factor or without longrope."""
+    from phiconvert.source import normalise_config
+
+    path = output / "config.json"
+    path.write_text(json.dumps(normalise_config(json.loads(path.read_text())), indent=2, sort_keys=True) + "\n")
+
+
+def calibration_chunks(tokenizer: Any, texts: list[str], length: int, count: int) -> list[list[int]]:
+    """Up to ``count`` token sequences of ``length`` tokens cut from the joined calibration text.
+
+    Joining first means short paragraphs are not dropped (AutoRound drops samples shorter than its sequence length);
+    a text shorter than one chunk gives a single shorter chunk.
+    """
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    chunks = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][:count]
+    return chunks or [ids]
+
+
+def end_of_turn_ids(artifact: Path, tokenizer: Any) -> list[int]:
+    """Token ids that end a reply: the generation config's eos ids (Phi chat models list `<|end|>` there)."""
+    from transformers import GenerationConfig
+
+    ids: list[int] = []
+    if (artifact / "generation_config.json").exists():
+        eos = GenerationConfig.from_pretrained(artifact).eos_token_id
+        ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    if isinstance(end, int) and end != tokenizer.unk_token_id and end not in ids:
+        ids.append(end)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def generate_ids(model: Any, tokenizer: Any, artifact: Path, messages: list[dict[str, str]], max_new_tokens: int):
+    """Greedy continuation of the artifact's own chat template; returns (new token ids, end-of-turn ids)."""
+    import torch
+
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    eos = end_of_turn_ids(artifact, tokenizer)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt], device=model.device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
+        )
+    return out[0, len(prompt) :].tolist(), eos
+
+
+def load(artifact: Path) -> Any:
+    """The artifact as transformers loads it (the format's own kernels underneath), computing in float32 on the
+    CPU: the most exact mode these runtimes offer, and the same on every machine."""
+    # gptqmodel (GPTQ and AWQ kernels) starts one CPU worker on 2 cores by default
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32, device_map="cpu").eval()
+
+
+def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
+    return smoke_with(load(artifact), artifact, messages, max_new_tokens)
+
+
+def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
+    return logits_with(load(artifact), sequences)
+
+
+def smoke_with(model: Any, artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
+    """Smoke test of a loaded transformers model with the artifact's tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    new, eos = generate_ids(model, tokenizer, artifact, messages, max_new_tokens)
+    stopped = bool(new) and new[-1] in eos
+    text = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True)
+    return Smoke(text=text, tokens=len(new), stopped_at_eot=stopped)
+
+
+def logits_with(model: Any, sequences: list[list[int]]) -> list[np.ndarray]:
+    """One prefill per sequence, exactly the given ids (no BOS), as float32 (len, vocab) arrays."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for ids in sequences:
+            tensor = torch.tensor([ids], device=model.device)
+            out.append(model(tensor, attention_mask=torch.ones_like(tensor)).logits[0].float().cpu().numpy())
+    return out
+
+
+def bits_per_weight(artifact: Path, source: Path, prefixes: list[str]) -> float:
+    """Stored bits per source weight of the quantized layers: every tensor the artifact keeps for those layers
+    (packed weights, scales, zeros, indices), over the number of weights they replace."""
+    from safetensors import safe_open
+
+    def tensors(folder: Path):
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_slice(name)
+
+    wanted, originals = tuple(f"{p}." for p in prefixes), {f"{p}.weight" for p in prefixes}
+    stored = sum(_nbytes(s) for name, s in tensors(artifact) if name.startswith(wanted))
+    weights = sum(int(np.prod(s.get_shape())) for name, s in tensors(source) if name in originals)
+    return 8.0 * stored / weights if weights else float("nan")
+
+
+def _nbytes(tensor_slice: Any) -> int:
+    sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1}
+    return int(np.prod(tensor_slice.get_shape())) * sizes.get(tensor_slice.get_dtype(), 1)
+
+
+def linear_names(source: Path) -> list[str]:
+    """Names of the decoder blocks' linear layers (the ones every HF-format quantizer converts), from the weights."""
+    from safetensors import safe_open
+
+    names = []
+    for file in sorted(source.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+                    names.append(name[: -len(".weight")])
+    return sorted(names)

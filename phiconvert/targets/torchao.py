@@ -1,0 +1,104 @@
+"""torchao checkpoints: 8da4w, the recipe of the PyTorch team's Phi-4-mini-instruct-8da4w (ExecuTorch / XNNPACK).
+
+Linear layers (the LM head included): int8 dynamic per-token activations, int4 weights per group of 32, symmetric.
+The input embedding: int8 weights per row. The tied embedding is untied first so the two can differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from phiconvert.errors import PhiconvertError
+from phiconvert.targets import ExportJob, Target, hf_common
+
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 32
+
+
+def settings(options: dict[str, Any]) -> dict[str, Any]:
+    group_size = options.get("group_size") or DEFAULT_GROUP_SIZE
+    if group_size not in GROUP_SIZES:
+        raise PhiconvertError(f"--group-size for torchao must be one of {', '.join(map(str, GROUP_SIZES))}")
+    return {"group_size": group_size, "sym": True if options.get("sym") is None else bool(options["sym"])}
+
+
+def check(precision: str, options: dict[str, Any]) -> None:
+    settings(options)
+
+
+def quantization_config(chosen: dict[str, Any]) -> Any:
+    import torch
+    from torchao.quantization import FqnToConfig, Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+    from transformers import TorchAoConfig
+
+    linear = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4,
+        weight_granularity=PerGroup(chosen["group_size"]),
+        weight_mapping_type=MappingType.SYMMETRIC if chosen["sym"] else MappingType.ASYMMETRIC,
+    )
+    embedding = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    return TorchAoConfig(
+        quant_type=FqnToConfig(
+            {"model.embed_tokens": embedding, "lm_head": linear, r"re:model\.layers\.\d+\..*_proj": linear}
+        ),
+        include_input_output_embeddings=True,
+        modules_to_not_convert=[],
+    )
+
+
+def untied_copy(source: Path, work: Path) -> Path:
+    """The source with its LM head a copy of the embedding instead of the same tensor, so each gets its own
+    quantization (transformers re-ties the weights after a quantized load, which torchao's tensors cannot do)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")  # written back in the source's dtype
+    if not model.config.get_text_config(decoder=True).tie_word_embeddings:
+        return source
+    model.config.get_text_config(decoder=True).tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.save_pretrained(work / "untied")
+    return work / "untied"
+
+
+def export(job: ExportJob) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    chosen = settings(job.options)
+    model = AutoModelForCausalLM.from_pretrained(
+        untied_copy(job.source, job.work),
+        dtype=torch.float32,
+        device_map="cpu",
+        quantization_config=quantization_config(chosen),
+    )
+    model.save_pretrained(job.output)
+    hf_common.hub_layout_config(job.output)
+    hf_common.copy_support_files(job.source, job.output)
+    layers = hf_common.linear_names(job.source)
+    return {
+        "settings": {"linear": f"int8 dynamic activations, int4 weights per group {chosen['group_size']}, "
+                     f"{'symmetric' if chosen['sym'] else 'asymmetric'}", "embedding": "int8 weights per row",
+                     "lm_head": "as the linear layers (untied from the embedding)"},
+        "quantized_layers": len(layers) + 2,
+        "bits_per_weight": round(hf_common.bits_per_weight(job.output, job.source, layers), 3),
+    }  # fmt: skip
+
+
+TARGET = Target(
+    name="torchao",
+    extra="torchao",
+    modules=("torchao",),
+    packages=("torchao", "transformers", "torch"),
+    precisions=("8da4w",),
+    default_precision="8da4w",
+    export=export,
+    smoke=hf_common.smoke,
+    logits=hf_common.logits,
+    options=("group_size", "sym"),
+    check=check,
+    notes={"8da4w": "int8 dynamic activations + int4 weights per group of 32; int8 embeddings (ExecuTorch recipe)"},
+)
