@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from dataclasses import asdict
-from importlib import metadata
 from typing import Any
 
 from rich.console import Console
@@ -19,7 +20,8 @@ from rich.table import Table
 
 from phiconvert import envs, hardware, source, targets
 from phiconvert.errors import PhiconvertError
-from phiconvert.pipeline import convert
+from phiconvert.pipeline import PACKAGE_ROOT, convert
+from phiconvert.worker import versions
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
@@ -183,22 +185,22 @@ def run_doctor(argv: list[str]) -> int:
 
 
 def toolchain_status(target: targets.Target) -> dict[str, Any]:
-    """Whether a target can run here (this environment, or its managed one) and what makes it ready."""
+    """Whether a target can run here (this environment, or its managed one), its versions, and what makes it ready."""
     missing = targets.missing_modules(target)
-    managed = envs.python(target.environment) if target.environment else None
+    managed = envs.python(target.environment) if target.environment and missing else None
     ready = not missing or managed is not None
-    versions = {}
-    for package in target.packages:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    if managed:
-        versions["environment"] = str(managed.parent.parent)
+    if managed:  # the versions that will really run: the managed environment's
+        code = "import json, sys; from phiconvert.worker import versions; print(json.dumps(versions(sys.argv[1:])))"
+        env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+        found = subprocess.run([str(managed), "-c", code, *target.packages], capture_output=True, text=True, env=env)
+        found = json.loads(found.stdout) if found.returncode == 0 else {}
+        found["environment"] = str(managed.parent.parent)
+    else:
+        found = versions(target.packages)
     fix = "" if ready else f"phiconvert setup {target.environment}" if target.environment else (
         f'pip install "phiconvert[{target.extra}]"')  # fmt: skip
     return {"target": target.name, "ready": ready, "missing": missing, "precisions": list(target.precisions),
-            "versions": versions, "fix": fix}  # fmt: skip
+            "versions": {k: v for k, v in found.items() if v != "not installed"}, "fix": fix}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -99,7 +99,7 @@ def run_reference(job: dict[str, Any], send: Send) -> dict[str, Any]:
     return {"sequences": sequences, "smoke": smoke}
 
 
-def versions(packages: tuple[str, ...]) -> dict[str, str]:
+def versions(packages: tuple[str, ...] | list[str]) -> dict[str, str]:
     """Installed versions of the toolchain, as this worker's interpreter sees them."""
     from importlib import metadata
 
