@@ -22,6 +22,7 @@ import torch
 
 from phiconvert.errors import PhiconvertError
 from phiconvert.source import normalise_config
+from phiconvert.targets import END_OF_TURN
 
 # Byte-level BPE split regexes (tokenizer.json pre_tokenizer) -> llama.cpp pre-tokenizer name (llama-vocab.cpp).
 # o200k: Phi-4-mini (tiktoken's GPT-4o regex); cl100k: Phi-4 (GPT-4 regex, as DBRX: no ignore_merges).
@@ -52,7 +53,6 @@ SOURCE_DTYPES = {"BF16": np.int16, "F16": np.float16, "F32": np.float32}
 # safetensors and GGUF name these three alike
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 CHUNK = 1 << 24  # elements converted at a time (64 MiB of float32)
-END_OF_TURN = "<|end|>"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Smoke, Target
+from phiconvert.targets import END_OF_TURN, ExportJob, Smoke, Target
 
 # precision -> llama.cpp file type (llama_ftype) for llama_model_quantize; f16/bf16 are written directly
 QUANTIZED = {
@@ -31,7 +31,6 @@ QUANTIZED = {
 }
 K_QUANTS = ("q6_k", "q5_k_m", "q4_k_m")
 CONTEXT_PAD = 256  # llama.cpp rounds every context size up to a multiple of this
-END_OF_TURN = "<|end|>"
 
 
 def export(job: ExportJob) -> dict[str, Any]:

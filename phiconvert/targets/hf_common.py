@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import Smoke
+from phiconvert.targets import END_OF_TURN, Smoke
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # files of a checkpoint folder that describe the weights; everything else (tokenizer, chat template, generation
@@ -88,7 +88,7 @@ def end_of_turn_ids(artifact: Path, tokenizer: Any) -> list[int]:
     if (artifact / "generation_config.json").exists():
         eos = GenerationConfig.from_pretrained(artifact).eos_token_id
         ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     if isinstance(end, int) and end != tokenizer.unk_token_id and end not in ids:
         ids.append(end)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:

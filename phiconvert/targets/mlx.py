@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Smoke, Target
+from phiconvert.targets import END_OF_TURN, ExportJob, Smoke, Target
 
 # precision -> (bits, dtype of the float weights); bits None = not quantized, dtype None = the source's dtype
 PRECISIONS = {"4bit": (4, None), "8bit": (8, None), "fp16": (None, "float16"), "bf16": (None, "bfloat16")}
@@ -31,7 +31,6 @@ GPTQ_MAX_SAMPLES = 128
 GPTQ_FALLBACK_BITS = 6
 # window of calibration text on which the stock runtime's long factor is compared with transformers' short factor
 ROPE_PROBE_TOKENS = 128
-END_OF_TURN = "<|end|>"
 
 
 def _settings(precision: str, options: dict[str, Any]) -> dict[str, Any]:

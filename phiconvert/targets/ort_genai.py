@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Smoke, Target
+from phiconvert.targets import END_OF_TURN, ExportJob, Smoke, Target
 
 # Precisions the builder makes per execution provider. There is no CPU fp16: the builder's CPU fp16 graph
 # (MultiHeadAttention with repeat_kv, GroupQueryAttention being fp32-only there) fails at the first decode step.
@@ -29,7 +29,6 @@ PROVIDER_PACKAGES = {"cuda": "onnxruntime-genai-cuda", "dml": "onnxruntime-genai
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 INT4_ALGOS = ("rtn", "k_quant", "k_quant_mixed")
-END_OF_TURN = "<|end|>"
 
 # Defaults measured best on the bundled trained fixtures (docs/tutorials/onnx-runtime-genai.md): the 8-bit LM head
 # (and with it Phi-4-mini's tied embeddings) matters most, then k-quant's mixed int4/int8 layers, then blocks of 32.
