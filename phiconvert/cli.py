@@ -105,13 +105,15 @@ class StageLines:
     def __call__(self, event: dict[str, Any]) -> None:
         name = event["stage"]
         if event["status"] == "note":
-            self.console.print(event["message"], highlight=False)
+            self.console.print(event["message"], highlight=False, soft_wrap=True)
         elif event["status"] == "start":
             self.tasks[name] = self.progress.add_task(name)
         elif name in self.tasks:
             self.progress.remove_task(self.tasks.pop(name))
             peak = f"peak {gib(event['peak_rss'])}" if event.get("peak_rss") else ""
-            self.console.print(f"[green]✓[/] {name:<16} {event['seconds']:7.1f} s  {peak}", highlight=False)
+            self.console.print(
+                f"[green]✓[/] {name:<16} {event['seconds']:7.1f} s  {peak}", highlight=False, soft_wrap=True
+            )
 
 
 def summary(report: dict[str, Any]) -> Table:
@@ -141,7 +143,7 @@ def run_convert(argv: list[str]) -> int:
     with lines.progress:
         report = convert(**options, progress=lines)
     console.print(summary(report))
-    console.print(f"reply: {report['smoke']['text']!r}")
+    console.print(f"reply: {report['smoke']['text']!r}", highlight=False, soft_wrap=True)
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
@@ -172,7 +174,7 @@ def run_doctor(argv: list[str]) -> int:
     for label, value in [*hardware.describe(machine), ("Default target", f"{choice.target} {choice.precision}")]:
         table.add_row(label, value)
     console.print(table)
-    console.print(f"--target auto: {choice.reason}", highlight=False)
+    console.print(f"--target auto: {choice.reason}", highlight=False, soft_wrap=True)
     table = Table(title="Targets")
     for column in ("target", "ready", "precisions", "toolchain", "to make it ready"):
         table.add_column(column)
