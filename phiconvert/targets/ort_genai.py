@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from phiconvert.errors import PhiconvertError
+from phiconvert.source import parameter_count
 from phiconvert.targets import END_OF_TURN, ExportJob, Smoke, Target
 
 # Precisions the builder makes per execution provider. There is no CPU fp16: the builder's CPU fp16 graph
@@ -174,7 +175,6 @@ def ensure_end_of_turn(artifact: Path) -> list[int]:
 def weight_report(artifact: Path, source: Path) -> dict[str, Any]:
     """Bits of every weight matrix as the graph stores it, and on-disk bits per source weight."""
     import onnx
-    from safetensors import safe_open
 
     graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
     initializers = {t.name: t for t in graph.initializer}
@@ -190,10 +190,7 @@ def weight_report(artifact: Path, source: Path) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for kind in bits.values():
         counts[kind] = counts.get(kind, 0) + 1
-    weights = 0
-    for file in source.glob("*.safetensors"):
-        with safe_open(str(file), framework="np") as handle:
-            weights += sum(int(np.prod(handle.get_slice(key).get_shape())) for key in handle.keys())
+    weights = parameter_count(source)
     size = sum(p.stat().st_size for p in artifact.glob("model.onnx*"))
     body = "int4" if "int4" in counts else max(counts, key=counts.get)
     return {
