@@ -19,8 +19,10 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 from rich.table import Table
 
 from phiconvert import envs, hardware, source, targets
+from phiconvert.bench import NEW_TOKENS, PROMPT_LENGTHS, REPEATS, bench
 from phiconvert.errors import PhiconvertError
 from phiconvert.pipeline import PACKAGE_ROOT, convert
+from phiconvert.report import table as side_by_side
 from phiconvert.worker import versions
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
@@ -34,14 +36,14 @@ def convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="phiconvert",
         description="Convert a Hugging Face Phi model into a deployment format and verify it against the source. "
-        "Other commands: `phiconvert doctor`, `phiconvert setup NAME`.",
+        "Other commands: `phiconvert bench ARTIFACT...`, `phiconvert doctor`, `phiconvert setup NAME`.",
     )
     p.add_argument("model", nargs="?", help=f"Hub id, local folder, or bundled:NAME (default {source.DEFAULT_MODEL})")
     p.add_argument(
         "--target",
         default="openvino",
-        choices=["auto", *targets.names()],
-        help="output format (default openvino); auto: the best format for this machine",
+        help=f"output format: {', '.join(targets.names())} (default openvino); auto: the best one for this machine; "
+        "all, or a list like openvino,gguf:q8_0: every pair, verified and benched side by side into one report",
     )
     p.add_argument("--precision", help="weight precision; default depends on the target (e.g. openvino: int4)")
     p.add_argument("--output", help="destination folder (default ./<model>-<target>-<precision>)")
@@ -103,7 +105,7 @@ class StageLines:
         self.tasks: dict[str, TaskID] = {}
 
     def __call__(self, event: dict[str, Any]) -> None:
-        name = event["stage"]
+        name = f"{event['label']} · {event['stage']}" if event.get("label") else event["stage"]
         if event["status"] == "note":
             self.console.print(event["message"], highlight=False, soft_wrap=True)
         elif event["status"] == "start":
@@ -112,7 +114,10 @@ class StageLines:
             self.progress.remove_task(self.tasks.pop(name))
             peak = f"peak {gib(event['peak_rss'])}" if event.get("peak_rss") else ""
             self.console.print(
-                f"[green]✓[/] {name:<16} {event['seconds']:7.1f} s  {peak}", highlight=False, soft_wrap=True
+                f"[green]✓[/] {name:<16} {event['seconds']:7.1f} s  {peak}",
+                highlight=False,
+                soft_wrap=True,
+                markup=True,
             )
 
 
@@ -142,10 +147,72 @@ def run_convert(argv: list[str]) -> int:
     lines = StageLines(console)
     with lines.progress:
         report = convert(**options, progress=lines)
+    if report.get("kind") == "comparison":
+        console.width = max(console.width, 150)  # a dozen columns: do not squeeze them into a log's 80
+        console.print(side_by_side(report))
+        if args.json:
+            print(json.dumps(report, indent=2))
+        if report["failed"]:
+            failed = ", ".join(report["failed"])
+            raise PhiconvertError(f"{len(report['failed'])} of {len(report['runs'])} conversions failed ({failed}); "
+                                  f"report: {report['output']}/report.html")  # fmt: skip
+        return 0
     console.print(summary(report))
     console.print(f"reply: {report['smoke']['text']!r}", highlight=False, soft_wrap=True)
     if args.json:
         print(json.dumps(report, indent=2))
+    return 0
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="phiconvert bench",
+        description="Load time, load memory and tokens/s of artifacts (or a source model, in transformers fp32), "
+        "each in its own runtime with its deployment defaults.",
+    )
+    p.add_argument("artifacts", nargs="+", help="phiconvert output folders, or models (Hub id, folder, bundled:NAME)")
+    p.add_argument("--prompt-lengths", type=lengths, default=PROMPT_LENGTHS,
+                   help="prompt lengths in tokens, comma-separated (default %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--new-tokens", type=int, default=NEW_TOKENS, help="tokens generated per prompt (default %(default)s)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=REPEATS, help="runs per measure; the median is kept (default %(default)s)"
+    )
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON on stdout")
+    return p
+
+
+def lengths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, not '{text}'") from None
+
+
+def run_bench(argv: list[str]) -> int:
+    args = bench_parser().parse_args(argv)
+    console = Console(stderr=True)
+    options = {k: v for k, v in vars(args).items() if k != "json"}
+    lines = StageLines(console)
+    with lines.progress:
+        results = bench(**options, progress=lines)
+    table = Table(title="phiconvert bench")
+    for column in ("artifact", "target", "size", "load s", "load RSS", "peak RSS"):
+        table.add_column(column, justify="left" if column in ("artifact", "target") else "right")
+    for n in args.prompt_lengths:
+        table.add_column(f"prompt tok/s @{n}", justify="right")
+        table.add_column(f"gen tok/s @{n}", justify="right")
+    for r in results:
+        speeds = []
+        for p in r["prompts"]:
+            speeds += [f"{p['prompt_tps']:.0f}", "-" if p["generation_tps"] is None else f"{p['generation_tps']:.1f}"]
+        label = f"{r['target']} {r['precision'] or ''}"
+        table.add_row(r["artifact"], label, gib(r["size_bytes"]), f"{r['load_s']:.2f}", gib(r["load_rss"]),
+                      gib(r["peak_rss"]), *speeds)  # fmt: skip
+    console.print(table)
+    if args.json:
+        print(json.dumps(results, indent=2))
     return 0
 
 
@@ -207,7 +274,7 @@ def toolchain_status(target: targets.Target) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"setup": run_setup, "doctor": run_doctor}
+    commands = {"setup": run_setup, "doctor": run_doctor, "bench": run_bench}
     run = commands.get(argv[0]) if argv else None
     try:
         code = run(argv[1:]) if run else run_convert(argv)

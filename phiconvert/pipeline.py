@@ -56,36 +56,27 @@ def convert(
     verify: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Convert ``model`` for ``target`` at ``precision`` and prove it; returns the report (also phiconvert.json)."""
+    """Convert ``model`` for ``target`` at ``precision`` and prove it; returns the report (also phiconvert.json).
+
+    ``target`` may also be ``all`` or a comma-separated list (``openvino,gguf:q8_0``): every pair then runs in its own
+    worker against one shared reference, past failures, and ``output`` becomes a folder holding each verified
+    artifact and the side-by-side report (see ``phiconvert.report``).
+    """
     emit = progress or (lambda event: None)
+    options = {"group_size": group_size, "sym": sym, "ep": ep, "accuracy_level": accuracy_level,
+               "int4_algo": int4_algo, "int8_lm_head": int8_lm_head, "recipe": recipe, "method": method,
+               "desc_act": desc_act, "device": device}  # fmt: skip
+    if target == "all" or "," in target:
+        from phiconvert import report
+
+        return report.compare(model, target, precision, output, options, calibration, force, verify, emit)
     auto = None
     if target == "auto":
         recommendation = hardware.recommend(hardware.probe())
         target, precision = recommendation.target, precision or recommendation.precision
         auto = recommendation.reason
         emit({"stage": "auto", "status": "note", "message": f"--target auto: {auto}"})
-    adapter = targets.load(target)
-    precision = precision or adapter.default_precision
-    if precision not in adapter.precisions:
-        raise PhiconvertError(
-            f"target '{target}' cannot do precision '{precision}'; it supports: {', '.join(adapter.precisions)}"
-        )
-    options = _target_options(
-        adapter,
-        group_size=group_size,
-        sym=sym,
-        ep=ep,
-        accuracy_level=accuracy_level,
-        int4_algo=int4_algo,
-        int8_lm_head=int8_lm_head,
-        recipe=recipe,
-        method=method,
-        desc_act=desc_act,
-        device=device,
-    )
-    if adapter.check:
-        adapter.check(precision, options)
-    python = _worker_python(adapter)
+    adapter, precision, chosen, python = plan(target, precision, options)
     src = source.resolve(model)
     samples = calibration_samples(calibration)
     destination = Path(output or f"{src.name}-{target}-{precision}").expanduser().resolve()
@@ -97,46 +88,87 @@ def convert(
     started = time.perf_counter()
     try:
         staging = source.stage(src, temp / "staging")
-        artifact, work = temp / "artifact", temp / "work"
-        artifact.mkdir()
-        work.mkdir()
-        base_job = {"source": str(staging), "messages": MESSAGES, "max_new_tokens": MAX_NEW_TOKENS}
-        reference = None
-        if verify:
-            reference = _run_worker(
-                sys.executable,
-                {**base_job, "kind": "reference", "text_file": str(HELDOUT), "windows": WINDOWS,
-                 "logits_out": str(work / "source.npz")},
-                work, "reference", emit,
-            )  # fmt: skip
-        job = {
-            **base_job,
-            "kind": "target",
-            "target": target,
-            "precision": precision,
-            "options": options,
-            "calibration": samples,
-            "output": str(artifact),
-            "work": str(work / "target"),
-            "sequences": reference["result"]["sequences"] if reference else None,
-            "logits_out": str(work / "artifact.npz"),
-        }
-        (work / "target").mkdir()
-        result = _run_worker(str(python), job, work, target, emit)
-        report = timed_stage(
-            emit, "verify", _report, src, adapter, precision, options, artifact, reference, result, work
-        )
+        reference = run_reference(staging, temp, emit) if verify else None
+        report, artifact = convert_one(src, staging, reference, adapter, precision, chosen, python, samples, temp, emit)
         report["seconds"] = time.perf_counter() - started
         report["auto"] = auto
         (artifact / "phiconvert.json").write_text(json.dumps(report, indent=2) + "\n")
-        if report["fidelity"] and not report["fidelity"]["passed"]:
-            reasons = "; ".join(report["fidelity"]["failures"])
-            raise PhiconvertError(f"verification failed for {target} {precision}: {reasons}")
+        fail_unless_passed(report)
         _move_into_place(artifact, destination)
         report["output"] = str(destination)
         return report
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def plan(target: str, precision: str | None, options: dict[str, Any]) -> tuple[targets.Target, str, dict, str]:
+    """Check one target/precision/options choice before any work: (adapter, precision, its options, interpreter)."""
+    adapter = targets.load(target)
+    precision = precision or adapter.default_precision
+    if precision not in adapter.precisions:
+        raise PhiconvertError(
+            f"target '{target}' cannot do precision '{precision}'; it supports: {', '.join(adapter.precisions)}"
+        )
+    chosen = _target_options(adapter, **options)
+    if adapter.check:
+        adapter.check(precision, chosen)
+    return adapter, precision, chosen, _worker_python(adapter)
+
+
+def run_reference(staging: Path, temp: Path, emit: Progress) -> dict[str, Any]:
+    """The source's fp32 logits on the held-out windows and its greedy chat reply, in a worker of this interpreter."""
+    work = temp / "reference"
+    work.mkdir()
+    job = {"kind": "reference", "source": str(staging), "messages": MESSAGES, "max_new_tokens": MAX_NEW_TOKENS,
+           "text_file": str(HELDOUT), "windows": WINDOWS, "logits_out": str(work / "source.npz")}  # fmt: skip
+    return {**_run_worker(sys.executable, job, work, "reference", emit), "logits": work / "source.npz"}
+
+
+def convert_one(
+    src: source.Source,
+    staging: Path,
+    reference: dict[str, Any] | None,
+    adapter: targets.Target,
+    precision: str,
+    options: dict[str, Any],
+    python: str,
+    samples: list[str],
+    temp: Path,
+    emit: Progress,
+) -> tuple[dict[str, Any], Path]:
+    """Export, smoke-test and verify one artifact inside ``temp``; returns its report and its folder."""
+    label = f"{adapter.name}-{precision}"
+    artifact, work = temp / label, temp / f"work-{label}"
+    artifact.mkdir()
+    (work / "target").mkdir(parents=True)
+    job = {
+        "kind": "target",
+        "source": str(staging),
+        "messages": MESSAGES,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "target": adapter.name,
+        "precision": precision,
+        "options": options,
+        "calibration": samples,
+        "output": str(artifact),
+        "work": str(work / "target"),
+        "sequences": reference["result"]["sequences"] if reference else None,
+        "logits_out": str(work / "artifact.npz"),
+    }
+    result = _run_worker(python, job, work, adapter.name, emit)
+    report = timed_stage(emit, "verify", _report, src, adapter, precision, options, artifact, reference, result, work)
+    return report, artifact
+
+
+def fail_unless_passed(report: dict[str, Any]) -> None:
+    if report["fidelity"] and not report["fidelity"]["passed"]:
+        reasons = "; ".join(report["fidelity"]["failures"])
+        raise PhiconvertError(f"verification failed for {report['target']} {report['precision']}: {reasons}")
+
+
+def emit_with(progress: Progress | None, label: str) -> Progress:
+    """Progress events tagged with the artifact they belong to, for runs that make several."""
+    return (lambda event: progress({**event, "label": label})) if progress else (lambda event: None)
 
 
 def calibration_samples(calibration: str | None) -> list[str]:
@@ -234,7 +266,7 @@ def _report(
     fidelity = None
     if reference is not None:
         sequences = reference["result"]["sequences"]
-        numbers = compare(load_logits(work / "source.npz"), load_logits(work / "artifact.npz"), sequences)
+        numbers = compare(load_logits(reference["logits"]), load_logits(work / "artifact.npz"), sequences)
         bound = bound_for(result["details"].get("bound", precision))
         failures = numbers.failures(bound)
         source_text = reference["result"]["smoke"]["text"]

@@ -24,7 +24,16 @@ from phiconvert.errors import PhiconvertError
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process so far, in bytes.
+
+    On Linux from /proc (VmHWM): getrusage's ru_maxrss starts a forked child at its parent's peak, so a worker
+    started by a parent that holds torch would report the parent's memory as its own.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -137,6 +146,48 @@ def run_target(job: dict[str, Any], send: Send) -> dict[str, Any]:
     return result
 
 
+def run_bench(job: dict[str, Any], send: Send) -> dict[str, Any]:
+    """Load time and memory, then median time to the first token and to ``new_tokens`` tokens per prompt."""
+    import importlib
+    import statistics
+
+    from phiconvert import targets
+    from phiconvert.targets import hf_common
+
+    name, new_tokens = job["target"], job["new_tokens"]
+    target = None if name == "source" else targets.load(name)
+    for module in target.modules if target else ("torch", "transformers"):
+        importlib.import_module(module)  # the toolchain's import cost and memory are not the artifact's load
+    baseline = peak_rss()
+    start = time.perf_counter()
+    generate = timed_stage(send, "load", (target.runner if target else hf_common.runner), Path(job["artifact"]))
+    load_seconds, load_rss = time.perf_counter() - start, peak_rss()
+
+    def timed(ids: list[int], n: int) -> float:
+        start = time.perf_counter()
+        made = generate(ids, n)
+        if made != n:
+            raise PhiconvertError(f"{name} runner generated {made} tokens where {n} were asked")
+        return time.perf_counter() - start
+
+    rows = []
+    for ids in job["prompts"]:
+
+        def prompt(ids: list[int] = ids) -> dict[str, Any]:
+            timed(ids, 2)  # warm-up: a new length's first call allocates and picks kernels (1.5-2.5x slower)
+            first = statistics.median(timed(ids, 1) for _ in range(job["repeats"]))
+            full = statistics.median(timed(ids, new_tokens) for _ in range(job["repeats"]))
+            decode = (new_tokens - 1) / (full - first) if full > first else None
+            return {"tokens": len(ids), "first_token_s": first, "prompt_tps": len(ids) / first,
+                    "generate_s": full, "generation_tps": decode}  # fmt: skip
+
+        rows.append(timed_stage(send, f"prompt {len(ids)}", prompt))
+    # a busy machine slows every runtime several-fold: the load average says how quiet this one was
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"load_s": load_seconds, "baseline_rss": baseline, "load_rss": load_rss, "peak_rss": peak_rss(),
+            "new_tokens": new_tokens, "repeats": job["repeats"], "load_average": busy, "prompts": rows}  # fmt: skip
+
+
 def main() -> None:
     stream = os.fdopen(os.dup(1), "w")
 
@@ -148,7 +199,7 @@ def main() -> None:
     sys.stdout = sys.stderr
     job = json.loads(Path(sys.argv[1]).read_text())
     try:
-        run = run_reference if job["kind"] == "reference" else run_target
+        run = {"reference": run_reference, "target": run_target, "bench": run_bench}[job["kind"]]
         send({"result": run(job, send), "peak_rss": peak_rss()})
     except PhiconvertError as error:
         send({"error": str(error)})

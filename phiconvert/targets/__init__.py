@@ -54,6 +54,9 @@ class Smoke:
     stopped_at_eot: bool  # True when generation ended on an end-of-turn / eos token
 
 
+Generate = Callable[[list[int], int], int]
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -68,6 +71,11 @@ class Target:
     smoke: Callable[[Path, list[dict[str, str]], int], Smoke]
     # logits(artifact, sequences) -> one float32 array (len(ids), vocab) per sequence of token ids
     logits: Callable[[Path, list[list[int]]], list[np.ndarray]]
+    # runner(artifact) -> generate: load the artifact in its own runtime with its deployment defaults (not the exact
+    # f32 mode of logits(); this load is what `phiconvert bench` times and measures), returning
+    # generate(ids, new_tokens) -> tokens generated: greedy from exactly ``ids`` (no BOS, no template), exactly
+    # ``new_tokens`` new tokens whatever they are (end-of-turn ignored), from a fresh state on every call
+    runner: Callable[[Path], Generate]
     # options beyond precision that this target accepts (names of phiconvert.convert keyword arguments)
     options: tuple[str, ...] = ()
     # precision -> one line on what it is, shown in --help and errors

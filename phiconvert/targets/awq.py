@@ -116,6 +116,7 @@ TARGET = Target(
     export=export,
     smoke=hf_common.smoke,
     logits=hf_common.logits,
+    runner=hf_common.runner,
     options=("group_size", "sym", "device"),
     check=check,
     environment="gptq",

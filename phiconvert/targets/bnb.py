@@ -80,6 +80,7 @@ TARGET = Target(
     export=export,
     smoke=hf_common.smoke,
     logits=hf_common.logits,
+    runner=hf_common.runner,
     check=check,
     notes={
         "nf4": "4-bit NormalFloat, blocks of 64, float32 compute",

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import END_OF_TURN, ExportJob, Smoke, Target
+from phiconvert.targets import END_OF_TURN, ExportJob, Generate, Smoke, Target
 
 # precision -> llama.cpp file type (llama_ftype) for llama_model_quantize; f16/bf16 are written directly
 QUANTIZED = {
@@ -174,6 +174,29 @@ def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
     return results
 
 
+def runner(artifact: Path) -> Generate:
+    """llama-cpp-python's defaults (f16 KV cache, its thread counts) with a 2048-token context, or the model's
+    if shorter. reset() before each call: generate() would otherwise reuse the KV cache of a matching prefix."""
+    import gguf
+    from llama_cpp import Llama
+
+    path = _gguf_file(artifact)
+    trained = gguf.GGUFReader(path).get_field(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch="phi3"))
+    n_ctx = min(2048, int(trained.contents())) if trained is not None else 2048
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+
+    def generate(ids: list[int], new_tokens: int) -> int:
+        llm.reset()
+        count = 0
+        for _ in llm.generate(ids, top_k=1, temp=0.0):  # llama.cpp's generate() never stops at eos by itself
+            count += 1
+            if count == new_tokens:
+                break
+        return count
+
+    return generate
+
+
 TARGET = Target(
     name="gguf",
     extra="gguf",
@@ -184,6 +207,7 @@ TARGET = Target(
     export=export,
     smoke=smoke,
     logits=logits,
+    runner=runner,
     notes={
         "q4_k_m": "4-bit K-quants, some tensors and the output/tied embedding in Q6_K: llama.cpp's usual default",
         "q5_k_m": "5-bit K-quants with the same Q6_K exceptions",

@@ -340,6 +340,7 @@ TARGET = Target(
     export=export,
     smoke=hf_common.smoke,
     logits=hf_common.logits,
+    runner=hf_common.runner,
     options=("group_size", "sym", "desc_act", "device"),
     check=check,
     environment="gptq",

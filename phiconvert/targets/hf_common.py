@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import END_OF_TURN, Smoke
+from phiconvert.targets import END_OF_TURN, Generate, Smoke
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # files of a checkpoint folder that describe the weights; everything else (tokenizer, chat template, generation
@@ -131,6 +131,27 @@ def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -
 
 def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
     return logits_with(load(artifact), sequences)
+
+
+def runner(artifact: Path) -> Generate:
+    """transformers generate() on the float32 CPU load; min_new_tokens masks the eos ids until the last token."""
+    import torch
+
+    model = load(artifact)
+
+    def generate(ids: list[int], new_tokens: int) -> int:
+        tensor = torch.tensor([ids], device=model.device)
+        with torch.no_grad():
+            out = model.generate(
+                tensor,
+                attention_mask=torch.ones_like(tensor),
+                do_sample=False,
+                min_new_tokens=new_tokens,
+                max_new_tokens=new_tokens,
+            )
+        return out.shape[1] - len(ids)
+
+    return generate
 
 
 def smoke_with(model: Any, artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:

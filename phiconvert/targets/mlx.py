@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import END_OF_TURN, ExportJob, Smoke, Target
+from phiconvert.targets import END_OF_TURN, ExportJob, Generate, Smoke, Target
 
 # precision -> (bits, dtype of the float weights); bits None = not quantized, dtype None = the source's dtype
 PRECISIONS = {"4bit": (4, None), "8bit": (8, None), "fp16": (None, "float16"), "bf16": (None, "bfloat16")}
@@ -254,6 +254,23 @@ def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
     return out
 
 
+def runner(artifact: Path) -> Generate:
+    """mlx_lm.load + generate_step (greedy, a new KV cache per call, never stops at eos). generate_step computes
+    one token ahead asynchronously: waiting for its stream keeps that work inside the call that started it."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step, generation_stream
+
+    model, _ = load(str(artifact))
+
+    def generate(ids: list[int], new_tokens: int) -> int:
+        count = sum(1 for _ in generate_step(mx.array(ids), model, max_tokens=new_tokens))
+        mx.synchronize(generation_stream)
+        return count
+
+    return generate
+
+
 TARGET = Target(
     name="mlx",
     extra="mlx",
@@ -264,6 +281,7 @@ TARGET = Target(
     export=export,
     smoke=smoke,
     logits=logits,
+    runner=runner,
     options=("group_size", "recipe", "method"),
     check=lambda precision, options: _settings(precision, options) and None,
     notes={

@@ -15,7 +15,7 @@ import numpy as np
 
 from phiconvert.errors import PhiconvertError
 from phiconvert.source import parameter_count
-from phiconvert.targets import ExportJob, Smoke, Target
+from phiconvert.targets import ExportJob, Generate, Smoke, Target
 
 TASK = "text-generation-with-past"
 # This CPU plugin defaults to bf16 inference and dynamic quantization; verification wants the IR's own numbers.
@@ -130,6 +130,27 @@ def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
     return out
 
 
+def runner(artifact: Path) -> Generate:
+    """LLMPipeline's CPU default (paged attention, whole prompt in one step) minus its prefix cache, which is on
+    by default and would skip the prefill of a prompt seen before."""
+    import openvino as ov
+    import openvino_genai as ov_genai
+
+    scheduler = ov_genai.SchedulerConfig()
+    scheduler.enable_prefix_caching = False
+    scheduler.max_num_batched_tokens = 2**64 - 1  # as LLMPipeline's own default scheduler: no prompt splitting
+    pipe = ov_genai.LLMPipeline(str(artifact), "CPU", scheduler_config=scheduler)
+    config = pipe.get_generation_config()
+    config.do_sample = False
+    config.ignore_eos = True  # also ignores the stop token ids (<|end|>)
+
+    def generate(ids: list[int], new_tokens: int) -> int:
+        config.max_new_tokens = config.min_new_tokens = new_tokens
+        return len(pipe.generate(ov.Tensor(np.array([ids], dtype=np.int64)), config).tokens[0])
+
+    return generate
+
+
 TARGET = Target(
     name="openvino",
     extra="openvino",
@@ -140,6 +161,7 @@ TARGET = Target(
     export=export,
     smoke=smoke,
     logits=logits,
+    runner=runner,
     options=("group_size", "sym"),
     check=check,
     notes={

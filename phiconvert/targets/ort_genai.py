@@ -16,7 +16,7 @@ import numpy as np
 
 from phiconvert.errors import PhiconvertError
 from phiconvert.source import parameter_count
-from phiconvert.targets import END_OF_TURN, ExportJob, Smoke, Target
+from phiconvert.targets import END_OF_TURN, ExportJob, Generate, Smoke, Target
 
 # Precisions the builder makes per execution provider. There is no CPU fp16: the builder's CPU fp16 graph
 # (MultiHeadAttention with repeat_kv, GroupQueryAttention being fp32-only there) fails at the first decode step.
@@ -236,6 +236,27 @@ def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
     return out
 
 
+def runner(artifact: Path) -> Generate:
+    """og.Model as the artifact configures it; a new Generator per call is a fresh KV cache, and min_length =
+    max_length masks the eos ids until the last token."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(artifact))
+
+    def generate(ids: list[int], new_tokens: int) -> int:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, min_length=len(ids) + new_tokens, max_length=len(ids) + new_tokens)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray(ids, dtype=np.int32))  # the prefill
+        count = 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            count += 1
+        return count
+
+    return generate
+
+
 TARGET = Target(
     name="ort-genai",
     extra="ort-genai",
@@ -246,6 +267,7 @@ TARGET = Target(
     export=export,
     smoke=smoke,
     logits=logits,
+    runner=runner,
     options=tuple(DEFAULTS),
     check=lambda precision, options: settings_for(precision, options) and None,
     notes={

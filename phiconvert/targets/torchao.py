@@ -98,6 +98,7 @@ TARGET = Target(
     export=export,
     smoke=hf_common.smoke,
     logits=hf_common.logits,
+    runner=hf_common.runner,
     options=("group_size", "sym"),
     check=check,
     notes={"8da4w": "int8 dynamic activations + int4 weights per group of 32; int8 embeddings (ExecuTorch recipe)"},

@@ -1,0 +1,127 @@
+"""bench(): how fast an artifact loads and runs, and how much memory it takes, in its own runtime.
+
+Each artifact (or the source model, in transformers fp32) is measured in a fresh worker process, under the same
+interpreter its conversion would use, with the runtime's deployment defaults. Load time and peak RSS after the load
+are measured, not computed from bits per weight; prompt processing is the time to the first new token of a prompt of
+each length, generation the rate of the following tokens. Timings are medians of ``repeats`` runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from phiconvert import source, targets
+from phiconvert.errors import PhiconvertError
+
+PROMPT_LENGTHS = (16, 128, 512)
+NEW_TOKENS = 32
+REPEATS = 3
+SOURCE = "source"  # the target name under which the source model is benched (transformers, fp32)
+# files that tell which runtime loads a folder that has no phiconvert.json
+SIGNATURES = (("*.gguf", "gguf"), ("openvino_model.xml", "openvino"), ("genai_config.json", "ort-genai"))
+QUANT_METHODS = {"gptq": "gptq", "awq": "awq", "bitsandbytes": "bnb", "torchao": "torchao"}
+
+
+def bench(
+    artifacts: list[str],
+    prompt_lengths: tuple[int, ...] | list[int] = PROMPT_LENGTHS,
+    new_tokens: int = NEW_TOKENS,
+    repeats: int = REPEATS,
+    progress: Any = None,
+) -> list[dict[str, Any]]:
+    """Measure each artifact (a phiconvert output folder, or a source model: Hub id, folder, bundled:NAME)."""
+    if not artifacts:
+        raise PhiconvertError("give at least one artifact folder or model to bench")
+    if new_tokens < 2 or repeats < 1 or not prompt_lengths or min(prompt_lengths) < 1:
+        raise PhiconvertError("--new-tokens must be at least 2, --repeats at least 1, prompt lengths positive")
+    work = Path(tempfile.mkdtemp(prefix="phiconvert-bench-"))
+    try:
+        results = []
+        for item in artifacts:
+            kind, path, info = identify(item)
+            prompts = prompt_ids(path, info, prompt_lengths, new_tokens)
+            results.append(measure(kind, path, info, prompts, new_tokens, repeats, work, progress))
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def identify(item: str | Path) -> tuple[str, Path, dict[str, Any]]:
+    """(target name or SOURCE, folder, what is known about it): from phiconvert.json, the files, or as a source."""
+    path = Path(item).expanduser()
+    if path.is_dir() and (path / "phiconvert.json").is_file():
+        report = json.loads((path / "phiconvert.json").read_text())
+        if report.get("kind") == "comparison":
+            raise PhiconvertError(f"{path} is a --target all report folder; bench the artifact folders inside it")
+        return report["target"], path.resolve(), {"precision": report["precision"], "source": report["source"]}
+    if path.is_dir():
+        for pattern, name in SIGNATURES:
+            if any(path.glob(pattern)):
+                return name, path.resolve(), {}
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        if method in QUANT_METHODS:
+            return QUANT_METHODS[method], path.resolve(), {}
+        if "quantization" in config:  # mlx-lm's own key
+            return "mlx", path.resolve(), {}
+    src = source.resolve(str(item))  # a plain checkpoint, a Hub id or bundled:NAME: errors say what is wrong
+    return SOURCE, src.path, {"precision": "fp32", "model": src.model}  # transformers loads it in float32
+
+
+def prompt_ids(path: Path, info: dict[str, Any], lengths: Any, new_tokens: int) -> list[list[int]]:
+    """Prompts of each length, cut from the held-out text (repeated as needed) with the model's own tokenizer."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    from phiconvert.pipeline import HELDOUT
+
+    candidates = [path, Path(info.get("source", {}).get("path", ""))]
+    folder = next((p for p in candidates if p.is_dir() and any(p.glob("tokenizer*"))), None)
+    if folder is None:
+        raise PhiconvertError(f"no tokenizer found for {path}: bench needs tokenizer files or its phiconvert.json")
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the held-out text is longer than the model's context on purpose: no warning
+    try:
+        ids = AutoTokenizer.from_pretrained(folder)(HELDOUT.read_text(), add_special_tokens=False)["input_ids"]
+    finally:
+        logging.set_verbosity(verbosity)
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    limit = config.get("max_position_embeddings")
+    if limit and max(lengths) + new_tokens > limit:
+        raise PhiconvertError(f"prompt of {max(lengths)} + {new_tokens} new tokens exceeds the model's {limit}")
+    return [(ids * (length // len(ids) + 1))[:length] for length in lengths]
+
+
+def measure(
+    kind: str,
+    path: Path,
+    info: dict[str, Any],
+    prompts: list[list[int]],
+    new_tokens: int,
+    repeats: int,
+    work: Path,
+    progress: Any = None,
+    python: str | None = None,
+) -> dict[str, Any]:
+    """Bench one folder in its own worker; returns load time and memory, and tokens/s per prompt length."""
+    from phiconvert.pipeline import _run_worker, _worker_python, emit_with
+
+    if python is None:
+        python = sys.executable if kind == SOURCE else _worker_python(targets.load(kind))
+    label = f"bench-{kind}"
+    job = {"kind": "bench", "target": kind, "artifact": str(path), "prompts": prompts, "new_tokens": new_tokens,
+           "repeats": repeats}  # fmt: skip
+    run = _run_worker(python, job, work, label, emit_with(progress, f"{kind} {info.get('precision', '')}".strip()))
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    return {
+        "artifact": str(path),
+        "target": kind,
+        "precision": info.get("precision"),
+        "size_bytes": sum(p.stat().st_size for p in files if p.name != "phiconvert.json"),
+        **run["result"],
+    }

@@ -1,0 +1,151 @@
+"""`--target all`, target lists, the side-by-side report and `phiconvert bench`.
+
+The `--target all` run on the bundled model is CI's proof that every target/precision pair converts, verifies and
+benches here; its numbers are checked against the fidelity bounds again from report.json, as a user's script would.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import leftovers, run_cli
+
+from phiconvert import cli, pipeline, targets
+from phiconvert.errors import PhiconvertError
+from phiconvert.report import pairs
+from phiconvert.verify import bound_for
+
+FOUR_BIT = {("openvino", "int4"), ("ort-genai", "int4"), ("mlx", "4bit"), ("gguf", "q4_k_m"), ("gguf", "q5_k_m"),
+            ("gguf", "q4_0"), ("gptq", "int4"), ("awq", "int4"), ("bnb", "nf4"), ("bnb", "fp4"),
+            ("torchao", "8da4w")}  # fmt: skip
+
+
+def test_all_is_every_pair_and_precision_narrows_it_by_class():
+    every = pairs("all", None)
+    assert len(every) == sum(len(targets.load(name).precisions) for name in targets.names())
+    assert set(pairs("all", "int4")) == FOUR_BIT
+
+
+def test_a_list_takes_explicit_precisions_defaults_or_the_given_one():
+    assert pairs("openvino,gguf:q8_0", None) == [("openvino", "int4"), ("gguf", "q8_0")]
+    assert pairs("openvino,mlx", "int8") == [("openvino", "int8"), ("mlx", "8bit")]
+
+
+@pytest.mark.parametrize(
+    ("target", "precision", "message"),
+    [
+        ("openvino,nope", None, "unknown target 'nope'"),
+        ("openvino,torchao", "int8", "target 'torchao' has no int8 precision"),
+        ("openvino,ort-genai:fp16", None, "fp16 is not built for --ep cpu"),
+    ],
+)
+def test_a_list_is_checked_before_any_work(tmp_path, target, precision, message):
+    result = run_cli("--target", target, *(["--precision", precision] if precision else []), "--output", "out",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert leftovers(tmp_path) == []
+
+
+def test_an_option_no_selected_target_takes_is_refused(tmp_path):
+    result = run_cli("--target", "gguf,mlx", "--ep", "cpu", "--output", "out", cwd=tmp_path)
+    assert result.returncode == 1 and "--ep applies to none of the selected targets" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def everything(tmp_path_factory):
+    """`phiconvert --target all --json` on the bundled model, once for this module."""
+    folder = tmp_path_factory.mktemp("all")
+    result = run_cli("--target", "all", "--output", "report", "--json", cwd=folder)
+    return folder, result
+
+
+@pytest.mark.slow
+def test_target_all_converts_verifies_and_benches_every_pair(everything):
+    folder, result = everything
+    assert result.returncode == 0, result.stderr[-3000:]
+    comparison = json.loads(result.stdout)
+    assert json.loads((folder / "report" / "report.json").read_text())["runs"] == comparison["runs"]
+    assert leftovers(folder) == ["report"]
+    skipped = {(r["target"], r["precision"]): r["error"] for r in comparison["runs"] if r["status"] == "skipped"}
+    assert list(skipped) == [("ort-genai", "fp16")]
+    assert skipped["ort-genai", "fp16"].startswith("ort-genai fp16 is not built for --ep cpu")
+    ran = [r for r in comparison["runs"] if r["status"] != "skipped"]
+    assert len(ran) == len(pairs("all", None)) - 1
+    for row in ran:
+        name = f"{row['target']} {row['precision']}"
+        assert row["status"] == "passed", (name, row.get("error"))
+        fidelity, bound = row["report"]["fidelity"], bound_for(row["report"]["details"].get("bound", row["precision"]))
+        assert fidelity["worst_top1"] >= bound.top1, name
+        assert fidelity["worst_kl"] <= bound.kl, name
+        assert fidelity["ppl_pct"] <= bound.ppl_pct, name
+        assert row["report"]["smoke"]["stopped_at_eot"], name
+        assert (folder / "report" / row["artifact"] / "phiconvert.json").is_file()
+
+
+@pytest.mark.slow
+def test_every_artifact_and_the_source_are_benched(everything):
+    folder, result = everything
+    comparison = json.loads(result.stdout)
+    benched = [comparison["baseline"], *[r for r in comparison["runs"] if r["status"] == "passed"]]
+    for row in benched:
+        measured = row["bench"]
+        assert measured["load_s"] > 0 and measured["size_bytes"] > 0
+        assert measured["load_rss"] >= measured["baseline_rss"] > 0
+        assert [p["tokens"] for p in measured["prompts"]] == list(comparison["bench"]["prompt_lengths"])
+        for prompt in measured["prompts"]:
+            assert prompt["prompt_tps"] > 0 and prompt["generation_tps"] and prompt["generation_tps"] > 0, row
+    page = (folder / "report" / "report.html").read_text()
+    assert page.count("<svg") == 7
+    assert all(f"{r['target']} {r['precision']}" in page for r in comparison["runs"])
+
+
+@pytest.mark.slow
+def test_bench_measures_an_artifact_and_the_source_in_their_runtimes(everything, tmp_path):
+    folder, _ = everything
+    artifact = folder / "report" / "gguf-q4_k_m"
+    result = run_cli("bench", str(artifact), "bundled:tiny-phi3", "--prompt-lengths", "8,64", "--new-tokens", "8",
+                     "--repeats", "1", "--json", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    gguf, phi3 = json.loads(result.stdout)
+    assert (gguf["target"], gguf["precision"]) == ("gguf", "q4_k_m")
+    assert (phi3["target"], phi3["precision"]) == ("source", "fp32")
+    assert [p["tokens"] for p in phi3["prompts"]] == [8, 64]
+    assert "prompt tok/s @64" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["./nowhere"], "no such folder: ./nowhere"),
+        (["bundled:tiny-phi3", "--prompt-lengths", "2040"], "exceeds the model's 2048"),
+        (["bundled:tiny-phi3", "--new-tokens", "1"], "--new-tokens must be at least 2"),
+    ],
+)
+def test_bench_errors_are_one_line(tmp_path, args, message):
+    result = run_cli("bench", *args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_failing_pair_is_reported_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    real = pipeline.convert_one
+
+    def failing_gguf(src, staging, reference, adapter, *args):
+        if adapter.name == "gguf":
+            raise PhiconvertError("gguf: llama.cpp crashed (simulated)")
+        return real(src, staging, reference, adapter, *args)
+
+    monkeypatch.setattr(pipeline, "convert_one", failing_gguf)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--target", "gguf,ort-genai", "--output", "both"])
+    assert exit.value.code == 1
+    assert "1 of 2 conversions failed (gguf q4_k_m)" in capsys.readouterr().err
+    comparison = json.loads((tmp_path / "both" / "report.json").read_text())
+    status = {r["target"]: (r["status"], r.get("error")) for r in comparison["runs"]}
+    assert status == {"gguf": ("failed", "gguf: llama.cpp crashed (simulated)"), "ort-genai": ("passed", None)}
+    assert leftovers(tmp_path / "both") == ["ort-genai-int4", "report.html", "report.json"]
+    assert "simulated" in (tmp_path / "both" / "report.html").read_text()
