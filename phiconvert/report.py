@@ -191,6 +191,8 @@ def rows(comparison: dict[str, Any]) -> list[dict[str, Any]]:
     for row in [comparison["baseline"], *comparison["runs"]]:
         report, measured = row.get("report") or {}, row.get("bench") or {}
         fidelity = report.get("fidelity") or {}
+        if row is comparison["baseline"]:  # the source against itself: the origin of every fidelity axis
+            fidelity = {"worst_top1": 1.0, "worst_kl": 0.0, "ppl_pct": 0.0}
         prompts = measured.get("prompts", [])
         precision = (
             row["precision"] if row is not comparison["baseline"] else DTYPES.get(comparison["source"]["dtype"], "fp32")

@@ -39,14 +39,14 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "phiconvert", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        timeout=900,
+        timeout=timeout,
     )
 
 
@@ -82,3 +82,21 @@ def reference(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def target_all(tmp_path_factory):
+    """`phiconvert --target all --json` on the bundled model, run once per session: CI's proof that every pair
+    converts, verifies and benches, and the artifacts the targets' own tests inspect instead of converting again."""
+    folder = tmp_path_factory.mktemp("all")
+    result = run_cli("--target", "all", "--output", "report", "--json", cwd=folder, timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "report", json.loads(result.stdout)
+
+
+def converted_by_all(target_all, target: str, precision: str) -> dict:
+    """The phiconvert.json report of one pair of the session's `--target all` run, with its artifact's folder."""
+    folder, comparison = target_all
+    row = next(r for r in comparison["runs"] if (r["target"], r["precision"]) == (target, precision))
+    assert row["status"] == "passed", row.get("error")
+    return {**row["report"], "output": str(folder / row["artifact"])}

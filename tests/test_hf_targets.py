@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import converted_by_all
 
 import phiconvert
 from phiconvert import envs, pipeline, source, targets
@@ -187,11 +188,8 @@ def check_report(report: dict) -> None:
 @pytest.mark.parametrize(
     ("target", "precision"), [("bnb", "nf4"), ("bnb", "fp4"), ("bnb", "int8"), ("torchao", "8da4w")]
 )
-def test_convert_end_to_end(tmp_path, target, precision):
-    adapter = targets.load(target)
-    if targets.missing_modules(adapter):
-        pytest.skip(f'needs pip install "phiconvert[{adapter.extra}]"')
-    report = phiconvert.convert(target=target, precision=precision, output=tmp_path / "out")
+def test_convert_end_to_end(target_all, target, precision):
+    report = converted_by_all(target_all, target, precision)
     check_report(report)
     if target == "bnb":
         assert report["details"]["reload_check"]["reloaded_generates_same"]
@@ -209,8 +207,11 @@ def test_convert_end_to_end(tmp_path, target, precision):
         ("awq", "int4", {}),
     ],
 )
-def test_convert_through_the_managed_environment(tmp_path, target, precision, options):
-    report = phiconvert.convert(target=target, precision=precision, output=tmp_path / "out", **options)
+def test_convert_through_the_managed_environment(target_all, tmp_path, target, precision, options):
+    if options:
+        report = phiconvert.convert(target=target, precision=precision, output=tmp_path / "out", **options)
+    else:  # the default settings were converted by the session's --target all run
+        report = converted_by_all(target_all, target, precision)
     check_report(report)
     if targets.missing_modules(targets.load(target)):  # ran in the managed environment, with its own transformers
         assert report["toolchain"]["gptqmodel"] == "7.6.0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FIXTURE_NAMES, checkpoint
+from conftest import FIXTURE_NAMES, checkpoint, converted_by_all
 
 from phiconvert import convert
 from phiconvert.verify import bound_for
@@ -16,10 +16,13 @@ _done: dict[tuple[str, str], dict] = {}
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Convert each (fixture, precision) once for all the tests of this module."""
+def converted(tmp_path_factory, target_all):
+    """Convert each (fixture, precision) once for all the tests of this module; the bundled default model's
+    conversions are the session's --target all run's."""
 
     def get(name: str, precision: str) -> dict:
+        if name == "tiny-phi4mini":
+            return converted_by_all(target_all, "openvino", precision)
         if (name, precision) not in _done:
             out = tmp_path_factory.mktemp("ov") / f"{name}-{precision}"
             _done[name, precision] = convert(f"bundled:{name}", target="openvino", precision=precision, output=out)

@@ -53,21 +53,11 @@ def test_an_option_no_selected_target_takes_is_refused(tmp_path):
     assert result.returncode == 1 and "--ep applies to none of the selected targets" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def everything(tmp_path_factory):
-    """`phiconvert --target all --json` on the bundled model, once for this module."""
-    folder = tmp_path_factory.mktemp("all")
-    result = run_cli("--target", "all", "--output", "report", "--json", cwd=folder)
-    return folder, result
-
-
 @pytest.mark.slow
-def test_target_all_converts_verifies_and_benches_every_pair(everything):
-    folder, result = everything
-    assert result.returncode == 0, result.stderr[-3000:]
-    comparison = json.loads(result.stdout)
-    assert json.loads((folder / "report" / "report.json").read_text())["runs"] == comparison["runs"]
-    assert leftovers(folder) == ["report"]
+def test_target_all_converts_verifies_and_benches_every_pair(target_all):
+    folder, comparison = target_all
+    assert json.loads((folder / "report.json").read_text())["runs"] == comparison["runs"]
+    assert leftovers(folder.parent) == ["report"]
     skipped = {(r["target"], r["precision"]): r["error"] for r in comparison["runs"] if r["status"] == "skipped"}
     assert list(skipped) == [("ort-genai", "fp16")]
     assert skipped["ort-genai", "fp16"].startswith("ort-genai fp16 is not built for --ep cpu")
@@ -81,13 +71,12 @@ def test_target_all_converts_verifies_and_benches_every_pair(everything):
         assert fidelity["worst_kl"] <= bound.kl, name
         assert fidelity["ppl_pct"] <= bound.ppl_pct, name
         assert row["report"]["smoke"]["stopped_at_eot"], name
-        assert (folder / "report" / row["artifact"] / "phiconvert.json").is_file()
+        assert (folder / row["artifact"] / "phiconvert.json").is_file()
 
 
 @pytest.mark.slow
-def test_every_artifact_and_the_source_are_benched(everything):
-    folder, result = everything
-    comparison = json.loads(result.stdout)
+def test_every_artifact_and_the_source_are_benched(target_all):
+    folder, comparison = target_all
     benched = [comparison["baseline"], *[r for r in comparison["runs"] if r["status"] == "passed"]]
     for row in benched:
         measured = row["bench"]
@@ -96,15 +85,14 @@ def test_every_artifact_and_the_source_are_benched(everything):
         assert [p["tokens"] for p in measured["prompts"]] == list(comparison["bench"]["prompt_lengths"])
         for prompt in measured["prompts"]:
             assert prompt["prompt_tps"] > 0 and prompt["generation_tps"] and prompt["generation_tps"] > 0, row
-    page = (folder / "report" / "report.html").read_text()
+    page = (folder / "report.html").read_text()
     assert page.count("<svg") == 7
     assert all(f"{r['target']} {r['precision']}" in page for r in comparison["runs"])
 
 
 @pytest.mark.slow
-def test_bench_measures_an_artifact_and_the_source_in_their_runtimes(everything, tmp_path):
-    folder, _ = everything
-    artifact = folder / "report" / "gguf-q4_k_m"
+def test_bench_measures_an_artifact_and_the_source_in_their_runtimes(target_all, tmp_path):
+    artifact = target_all[0] / "gguf-q4_k_m"
     result = run_cli("bench", str(artifact), "bundled:tiny-phi3", "--prompt-lengths", "8,64", "--new-tokens", "8",
                      "--repeats", "1", "--json", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
