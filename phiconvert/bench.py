@@ -17,6 +17,7 @@ from typing import Any
 
 from phiconvert import source, targets
 from phiconvert.errors import PhiconvertError
+from phiconvert.pipeline import HELDOUT, Progress, emit_with, run_worker, worker_python
 
 PROMPT_LENGTHS = (16, 128, 512)
 NEW_TOKENS = 32
@@ -32,7 +33,7 @@ def bench(
     prompt_lengths: tuple[int, ...] | list[int] = PROMPT_LENGTHS,
     new_tokens: int = NEW_TOKENS,
     repeats: int = REPEATS,
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Measure each artifact (a phiconvert output folder, or a source model: Hub id, folder, bundled:NAME)."""
     if not artifacts:
@@ -78,8 +79,6 @@ def prompt_ids(path: Path, info: dict[str, Any], lengths: Any, new_tokens: int) 
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
-    from phiconvert.pipeline import HELDOUT
-
     candidates = [path, Path(info.get("source", {}).get("path", ""))]
     folder = next((p for p in candidates if p.is_dir() and any(p.glob("tokenizer*"))), None)
     if folder is None:
@@ -105,18 +104,14 @@ def measure(
     new_tokens: int,
     repeats: int,
     work: Path,
-    progress: Any = None,
-    python: str | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Bench one folder in its own worker; returns load time and memory, and tokens/s per prompt length."""
-    from phiconvert.pipeline import _run_worker, _worker_python, emit_with
-
-    if python is None:
-        python = sys.executable if kind == SOURCE else _worker_python(targets.load(kind))
+    python = sys.executable if kind == SOURCE else worker_python(targets.load(kind))
     label = f"bench-{kind}"
     job = {"kind": "bench", "target": kind, "artifact": str(path), "prompts": prompts, "new_tokens": new_tokens,
            "repeats": repeats}  # fmt: skip
-    run = _run_worker(python, job, work, label, emit_with(progress, f"{kind} {info.get('precision', '')}".strip()))
+    run = run_worker(python, job, work, label, emit_with(progress, f"{kind} {info.get('precision', '')}".strip()))
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
     return {
         "artifact": str(path),

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -152,10 +153,11 @@ def run_convert(argv: list[str]) -> int:
         console.print(side_by_side(report))
         if args.json:
             print(json.dumps(report, indent=2))
-        if report["failed"]:
+        if report["failed"]:  # the report is written (and printed): one line says what failed, exit 1
             failed = ", ".join(report["failed"])
-            raise PhiconvertError(f"{len(report['failed'])} of {len(report['runs'])} conversions failed ({failed}); "
-                                  f"report: {report['output']}/report.html")  # fmt: skip
+            print(f"error: {len(report['failed'])} of {len(report['runs'])} conversions failed ({failed}); "
+                  f"report: {report['output']}/report.html", file=sys.stderr)  # fmt: skip
+            return EXIT_ERROR
         return 0
     console.print(summary(report))
     console.print(f"reply: {report['smoke']['text']!r}", highlight=False, soft_wrap=True)
@@ -197,6 +199,7 @@ def run_bench(argv: list[str]) -> int:
     lines = StageLines(console)
     with lines.progress:
         results = bench(**options, progress=lines)
+    console.width = max(console.width, 150)  # a column per prompt length: do not squeeze them into a log's 80
     table = Table(title="phiconvert bench")
     for column in ("artifact", "target", "size", "load s", "load RSS", "peak RSS"):
         table.add_column(column, justify="left" if column in ("artifact", "target") else "right")
@@ -208,7 +211,7 @@ def run_bench(argv: list[str]) -> int:
         for p in r["prompts"]:
             speeds += [f"{p['prompt_tps']:.0f}", "-" if p["generation_tps"] is None else f"{p['generation_tps']:.1f}"]
         label = f"{r['target']} {r['precision'] or ''}"
-        table.add_row(r["artifact"], label, gib(r["size_bytes"]), f"{r['load_s']:.2f}", gib(r["load_rss"]),
+        table.add_row(Path(r["artifact"]).name, label, gib(r["size_bytes"]), f"{r['load_s']:.2f}", gib(r["load_rss"]),
                       gib(r["peak_rss"]), *speeds)  # fmt: skip
     console.print(table)
     if args.json:

@@ -94,7 +94,7 @@ def convert(
         report["auto"] = auto
         (artifact / "phiconvert.json").write_text(json.dumps(report, indent=2) + "\n")
         fail_unless_passed(report)
-        _move_into_place(artifact, destination)
+        move_into_place(artifact, destination)
         report["output"] = str(destination)
         return report
     finally:
@@ -112,7 +112,7 @@ def plan(target: str, precision: str | None, options: dict[str, Any]) -> tuple[t
     chosen = _target_options(adapter, **options)
     if adapter.check:
         adapter.check(precision, chosen)
-    return adapter, precision, chosen, _worker_python(adapter)
+    return adapter, precision, chosen, worker_python(adapter)
 
 
 def run_reference(staging: Path, temp: Path, emit: Progress) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def run_reference(staging: Path, temp: Path, emit: Progress) -> dict[str, Any]:
     work.mkdir()
     job = {"kind": "reference", "source": str(staging), "messages": MESSAGES, "max_new_tokens": MAX_NEW_TOKENS,
            "text_file": str(HELDOUT), "windows": WINDOWS, "logits_out": str(work / "source.npz")}  # fmt: skip
-    return {**_run_worker(sys.executable, job, work, "reference", emit), "logits": work / "source.npz"}
+    return {**run_worker(sys.executable, job, work, "reference", emit), "logits": work / "source.npz"}
 
 
 def convert_one(
@@ -155,7 +155,7 @@ def convert_one(
         "sequences": reference["result"]["sequences"] if reference else None,
         "logits_out": str(work / "artifact.npz"),
     }
-    result = _run_worker(python, job, work, adapter.name, emit)
+    result = run_worker(python, job, work, adapter.name, emit)
     report = timed_stage(emit, "verify", _report, src, adapter, precision, options, artifact, reference, result, work)
     return report, artifact
 
@@ -194,7 +194,7 @@ def _target_options(adapter: targets.Target, **given: Any) -> dict[str, Any]:
     return {name: given.get(name) for name in adapter.options}
 
 
-def _worker_python(adapter: targets.Target) -> str:
+def worker_python(adapter: targets.Target) -> str:
     """This interpreter when it has the toolchain, else the target's managed environment, else a clear error."""
     missing = targets.missing_modules(adapter)
     if not missing:
@@ -207,7 +207,7 @@ def _worker_python(adapter: targets.Target) -> str:
     raise PhiconvertError(f"target '{adapter.name}' needs: {hint} (missing: {', '.join(missing)})")
 
 
-def _run_worker(python: str, job: dict[str, Any], work: Path, label: str, emit: Progress) -> dict[str, Any]:
+def run_worker(python: str, job: dict[str, Any], work: Path, label: str, emit: Progress) -> dict[str, Any]:
     """Run one worker process to completion, relaying its stage events; return its final result event."""
     job_file = work / f"{label}.job.json"
     log_file = work / f"{label}.log"
@@ -298,7 +298,7 @@ def _report(
     }  # fmt: skip
 
 
-def _move_into_place(artifact: Path, destination: Path) -> None:
+def move_into_place(artifact: Path, destination: Path) -> None:
     """Rename the verified artifact to its destination, replacing an old one only now (--force)."""
     if destination.exists():
         old = destination.with_name(f".{destination.name}.phiconvert-old")

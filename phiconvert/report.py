@@ -137,7 +137,7 @@ def compare(
         }
         (out / "report.json").write_text(json.dumps(comparison, indent=2) + "\n")
         (out / "report.html").write_text(render_html(comparison))
-        pipeline._move_into_place(out, destination)
+        pipeline.move_into_place(out, destination)
         comparison["output"] = str(destination)
         return comparison
     finally:
