@@ -98,9 +98,9 @@ def compare(
         staging = source.stage(src, temp / "staging")
         out = temp / "out"
         out.mkdir()
+        prompts = bench.prompt_ids(staging, {}, bench.PROMPT_LENGTHS, bench.NEW_TOKENS)  # fails before any work
         reference = pipeline.run_reference(staging, temp, pipeline.emit_with(emit, "source")) if verify else None
         runs = [_convert(src, staging, reference, plan, samples, temp, out, emit) for plan in plans]
-        prompts = bench.prompt_ids(staging, {}, bench.PROMPT_LENGTHS, bench.NEW_TOKENS)
         bench_work = temp / "bench"
         bench_work.mkdir()
         baseline = {"target": "source", "precision": "fp32", "status": "passed"}
