@@ -79,12 +79,7 @@ def convert(
     adapter, precision, chosen, python = plan(target, precision, options)
     src = source.resolve(model)
     samples = calibration_samples(calibration)
-    destination = Path(output or f"{src.name}-{target}-{precision}").expanduser().resolve()
-    if destination.exists() and not force:
-        raise PhiconvertError(f"output {destination} exists; pass --force to replace it")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-
-    temp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.phiconvert-", dir=destination.parent))
+    destination, temp = temporary_beside(Path(output or f"{src.name}-{target}-{precision}"), force)
     started = time.perf_counter()
     try:
         staging = source.stage(src, temp / "staging")
@@ -99,6 +94,15 @@ def convert(
         return report
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def temporary_beside(output: Path, force: bool) -> tuple[Path, Path]:
+    """(destination, a new temporary folder beside it): refuses an existing destination unless ``force``."""
+    destination = output.expanduser().resolve()
+    if destination.exists() and not force:
+        raise PhiconvertError(f"output {destination} exists; pass --force to replace it")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    return destination, Path(tempfile.mkdtemp(prefix=f".{destination.name}.phiconvert-", dir=destination.parent))
 
 
 def plan(target: str, precision: str | None, options: dict[str, Any]) -> tuple[targets.Target, str, dict, str]:

@@ -12,7 +12,6 @@ import html
 import io
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -87,12 +86,7 @@ def compare(
             plans.append((name, prec, None, str(error)))
     src = source.resolve(model)
     samples = pipeline.calibration_samples(calibration)
-    destination = Path(output or f"{src.name}-compare").expanduser().resolve()
-    if destination.exists() and not force:
-        raise PhiconvertError(f"output {destination} exists; pass --force to replace it")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-
-    temp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.phiconvert-", dir=destination.parent))
+    destination, temp = pipeline.temporary_beside(Path(output or f"{src.name}-compare"), force)
     started = time.perf_counter()
     try:
         staging = source.stage(src, temp / "staging")
@@ -223,23 +217,37 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _speed_length(comparison: dict[str, Any]) -> int:
+    """The prompt length whose speeds the table shows: the middle one (every length is in the plots)."""
+    lengths = comparison["bench"]["prompt_lengths"]
+    return lengths[len(lengths) // 2]
+
+
+def _headers(length: int) -> tuple[str, ...]:
+    return ("artifact", "status", "theory MiB", "size MiB", "bits/w", "load s", "load RSS MiB",
+            f"prompt tok/s @{length}", f"gen tok/s @{length}", "top-1", "KL", "PPL Δ%")  # fmt: skip
+
+
+def _cells(r: dict[str, Any], length: int) -> list[str]:
+    """One artifact's row of the table, formatted: the same cells in the terminal and in the HTML page."""
+    return [
+        r["name"], r["status"], _fmt(r["theory_mib"], ".2f"), _fmt(r["size_mib"], ".2f"),
+        _fmt(r["bits_per_weight"], ".2f"), _fmt(r["load_s"], ".2f"), _fmt(r["load_rss_mib"], ".0f"),
+        _fmt(r["prompt_tps"].get(length), ".0f"), _fmt(r["generation_tps"].get(length), ".1f"),
+        _fmt(r["top1"], ".3f"), _fmt(r["kl"], ".4f"), _fmt(r["ppl_pct"], "+.2f"),
+    ]  # fmt: skip
+
+
 def table(comparison: dict[str, Any]) -> Table:
     """The terminal table: one row per artifact, speed at the middle prompt length."""
-    length = comparison["bench"]["prompt_lengths"][len(comparison["bench"]["prompt_lengths"]) // 2]
-    title = f"{comparison['source']['model']} → {comparison.get('output', '')}"
-    result = Table(title=title)
-    headers = ("artifact", "status", "theory MiB", "size MiB", "bits/w", "load s", "load RSS MiB",
-               f"prompt tok/s @{length}", f"gen tok/s @{length}", "top-1", "KL", "PPL Δ%")  # fmt: skip
-    for header in headers:
+    length = _speed_length(comparison)
+    result = Table(title=f"{comparison['source']['model']} → {comparison.get('output', '')}")
+    for header in _headers(length):
         result.add_column(header, justify="left" if header in ("artifact", "status") else "right")
+    colour = {"passed": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[yellow]skipped[/]"}
     for r in rows(comparison):
-        status = {"passed": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[yellow]skipped[/]"}[r["status"]]
-        result.add_row(
-            r["name"], status, _fmt(r["theory_mib"], ".2f"), _fmt(r["size_mib"], ".2f"),
-            _fmt(r["bits_per_weight"], ".2f"), _fmt(r["load_s"], ".2f"), _fmt(r["load_rss_mib"], ".0f"),
-            _fmt(r["prompt_tps"].get(length), ".0f"), _fmt(r["generation_tps"].get(length), ".1f"),
-            _fmt(r["top1"], ".3f"), _fmt(r["kl"], ".4f"), _fmt(r["ppl_pct"], "+.2f"),
-        )  # fmt: skip
+        name, status, *numbers = _cells(r, length)
+        result.add_row(name, colour[status], *numbers)
     return result
 
 
@@ -293,25 +301,14 @@ def _plot(records: list[dict[str, Any]], key: str | tuple[str, ...], title: str,
 
 def render_html(comparison: dict[str, Any]) -> str:
     """A self-contained page: the machine, the table, one plot per measure, and each failure's reason."""
-    records = [r for r in rows(comparison) if r["status"] != "skipped"]
+    records, length = rows(comparison), _speed_length(comparison)
     shown = [r for r in records if r["status"] == "passed"]
     e = html.escape
     machine = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in comparison["machine"].items())
-    head = "".join(f"<th>{e(c.header)}</th>" for c in table(comparison).columns)
+    head = "".join(f"<th>{e(h)}</th>" for h in _headers(length))
     body = ""
-    for r in rows(comparison):
-        cells = [
-            r["name"],
-            r["status"],
-            _fmt(r["theory_mib"], ".2f"),
-            _fmt(r["size_mib"], ".2f"),
-            _fmt(r["bits_per_weight"], ".2f"),
-            _fmt(r["load_s"], ".2f"),
-            _fmt(r["load_rss_mib"], ".0f"),
-        ]
-        length = comparison["bench"]["prompt_lengths"][len(comparison["bench"]["prompt_lengths"]) // 2]
-        cells += [_fmt(r["prompt_tps"].get(length), ".0f"), _fmt(r["generation_tps"].get(length), ".1f"),
-                  _fmt(r["top1"], ".3f"), _fmt(r["kl"], ".4f"), _fmt(r["ppl_pct"], "+.2f")]  # fmt: skip
+    for r in records:
+        cells = _cells(r, length)
         body += f"<tr class='{r['status']}'>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>"
         if r["error"]:
             body += f"<tr class='why'><td colspan='{len(cells)}'>{e(r['error'])}</td></tr>"
