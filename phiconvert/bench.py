@@ -3,7 +3,7 @@
 Each artifact (or the source model, in transformers fp32) is measured in a fresh worker process, under the same
 interpreter its conversion would use, with the runtime's deployment defaults. Load time and peak RSS after the load
 are measured, not computed from bits per weight; prompt processing is the time to the first new token of a prompt of
-each length, generation the rate of the following tokens. Timings are medians of ``repeats`` runs after a warm-up.
+each length, generation the rate of the following tokens. Timings are the best of ``repeats`` runs after a warm-up.
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ def bench_parser() -> argparse.ArgumentParser:
         "--new-tokens", type=int, default=NEW_TOKENS, help="tokens generated per prompt (default %(default)s)"
     )
     p.add_argument(
-        "--repeats", type=int, default=REPEATS, help="runs per measure; the median is kept (default %(default)s)"
+        "--repeats", type=int, default=REPEATS, help="runs per measure; the fastest is kept (default %(default)s)"
     )
     p.add_argument("--json", action="store_true", help="print the measurements as JSON on stdout")
     return p

@@ -324,7 +324,7 @@ figure {{ margin: 1em 0; }}
 </style></head><body>
 <h1>{e(comparison["source"]["model"])}: every format, side by side</h1>
 <p>{comparison["source"]["parameters"]:,} parameters. Fidelity: worst held-out window against the source in fp32
-(transformers); speed: median of {settings["repeats"]} runs, {settings["new_tokens"]} new tokens after prompts of
+(transformers); speed: best of {settings["repeats"]} runs, {settings["new_tokens"]} new tokens after prompts of
 {", ".join(map(str, settings["prompt_lengths"]))} tokens, each runtime with its deployment defaults; memory: measured
 peak RSS of the benchmark process after loading. phiconvert {e(comparison["phiconvert"])},
 {comparison["seconds"]:.0f} s in all.</p>
