@@ -42,6 +42,10 @@ def test_precision_within_bound(tmp_path, reference, name, precision):
     if precision == "fp32":
         assert numbers.max_abs_logit_diff < 1e-4  # measured 7e-6 (tiny-phi3), 9e-6 (tiny-phi4mini)
         assert details["weights_by_type"] == {"float32": details["weights_by_type"]["float32"]}
+    if precision == "int8":  # the embedding is read from the int8 LM head when the source ties them, else float32
+        tied = name == "tiny-phi4mini"
+        assert details["other_weights"] == ({} if tied else {"/model/embed_tokens/Gather": "float32"})
+        assert details["bits_per_weight"] < (10.5 if tied else 16)  # measured 9.88 tied (18.70 untied), 14.97
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -112,6 +116,16 @@ def test_int4_options_are_applied_and_pass_the_bound(tmp_path, reference, option
     assert details["settings"].items() >= options.items()
     assert ("/lm_head/MatMul_Q8" in details["other_weights"]) == details["settings"]["int8_lm_head"]
     assert fidelity(reference, "tiny-phi4mini", artifact).failures(bound_for("int4")) == []
+
+
+@pytest.mark.parametrize("options", [{"sym": True}, {"group_size": 64}])
+def test_int8_reads_the_tied_embedding_from_the_lm_head_with_any_setting(tmp_path, reference, options):
+    """Symmetric blocks have no zero points (GatherBlockQuantized's default must match MatMulNBits')."""
+    artifact, details = export(stage(tmp_path, "tiny-phi4mini"), tmp_path, "int8", **options)
+    assert details["embedding"].startswith("read from the int8 LM head")
+    assert details["weights_by_type"] == {"int8": 17}
+    assert fidelity(reference, "tiny-phi4mini", artifact).failures(bound_for("int8")) == []
+    assert TARGET.smoke(artifact, pipeline.MESSAGES, 64).stopped_at_eot
 
 
 def drop_partial_rotary(config: dict) -> None:
