@@ -23,6 +23,7 @@ from phiconvert import envs, hardware, source, targets
 from phiconvert.bench import NEW_TOKENS, PROMPT_LENGTHS, REPEATS, bench
 from phiconvert.errors import PhiconvertError
 from phiconvert.pipeline import PACKAGE_ROOT, convert
+from phiconvert.report import caveats
 from phiconvert.report import table as side_by_side
 from phiconvert.worker import versions
 
@@ -151,6 +152,8 @@ def run_convert(argv: list[str]) -> int:
     if report.get("kind") == "comparison":
         console.width = max(console.width, 150)  # a dozen columns: do not squeeze them into a log's 80
         console.print(side_by_side(report))
+        for name, caveat in caveats(report):
+            console.print(f"[yellow]note:[/] {name}: {caveat}", highlight=False, soft_wrap=True)
         if args.json:
             print(json.dumps(report, indent=2))
         if report["failed"]:  # the report is written (and printed): one line says what failed, exit 1
@@ -161,6 +164,8 @@ def run_convert(argv: list[str]) -> int:
         return 0
     console.print(summary(report))
     console.print(f"reply: {report['smoke']['text']!r}", highlight=False, soft_wrap=True)
+    for caveat in report["caveats"]:
+        console.print(f"[yellow]note:[/] {caveat}", highlight=False, soft_wrap=True)
     if args.json:
         print(json.dumps(report, indent=2))
     return 0

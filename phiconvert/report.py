@@ -213,6 +213,15 @@ def rows(comparison: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def caveats(comparison: dict[str, Any]) -> list[tuple[str, str]]:
+    """(artifact, caveat) for every verified artifact whose stock runtime differs from the source somewhere."""
+    return [
+        (f"{row['target']} {row['precision']}", caveat)
+        for row in comparison["runs"]
+        for caveat in (row.get("report") or {}).get("caveats", [])
+    ]
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -312,6 +321,8 @@ def render_html(comparison: dict[str, Any]) -> str:
         body += f"<tr class='{r['status']}'>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>"
         if r["error"]:
             body += f"<tr class='why'><td colspan='{len(cells)}'>{e(r['error'])}</td></tr>"
+    notes = "".join(f"<li><b>{e(name)}</b>: {e(caveat)}</li>" for name, caveat in caveats(comparison))
+    notes = f"<p>Caveats: what a stock runtime does differently from the source</p><ul>{notes}</ul>" if notes else ""
     plots = "".join(f"<figure>{_plot(shown, key, title, unit)}</figure>" for title, key, unit in PLOTS)
     settings = comparison["bench"]
     return f"""<!doctype html>
@@ -330,6 +341,7 @@ peak RSS of the benchmark process after loading. phiconvert {e(comparison["phico
 {comparison["seconds"]:.0f} s in all.</p>
 <table>{machine}</table>
 <table><tr>{head}</tr>{body}</table>
+{notes}
 {plots}
 </body></html>
 """

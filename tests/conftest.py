@@ -91,6 +91,7 @@ def target_all(tmp_path_factory):
     folder = tmp_path_factory.mktemp("all")
     result = run_cli("--target", "all", "--output", "report", "--json", cwd=folder, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
+    (folder / "stderr.txt").write_text(result.stderr)  # what the user saw: stage lines, the table, notes
     return folder / "report", json.loads(result.stdout)
 
 

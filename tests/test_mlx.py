@@ -90,6 +90,10 @@ def test_tiny_phi3_has_no_longrope_and_a_sliding_window_mlx_lm_ignores(tmp_path)
     _, details = export(stage(tmp_path, "tiny-phi3"), tmp_path, "bf16")
     assert details["rope"] is None
     assert details["sliding_window_ignored"] == 2047
+    assert details["caveats"] == [
+        "mlx-lm ignores the 2047-token sliding window: beyond it every token attends to the whole context, "
+        "unlike transformers"
+    ]
 
 
 @pytest.mark.parametrize("recipe", ["mixed_4_6", "mixed_3_4"])
@@ -206,5 +210,6 @@ def test_convert_end_to_end(tmp_path):
     assert report["fidelity"]["passed"], report["fidelity"]
     assert report["smoke"]["stopped_at_eot"]
     assert report["details"]["rope"]["stock_runtime_vs_short_factor"]["tokens"] == 128
+    assert report["caveats"][0].startswith("stock mlx-lm rotates with longrope's long factor below 128 tokens")
     assert (output / "model.safetensors").is_file() and (output / "phiconvert.json").is_file()
     assert leftovers(tmp_path) == ["phi4mini-mlx-4bit"]

@@ -6,6 +6,7 @@ benches here; its numbers are checked against the fidelity bounds again from rep
 
 from __future__ import annotations
 
+import html
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import leftovers, run_cli
 
 from phiconvert import cli, pipeline, targets
 from phiconvert.errors import PhiconvertError
-from phiconvert.report import pairs
+from phiconvert.report import caveats, pairs
 from phiconvert.verify import bound_for
 
 FOUR_BIT = {("openvino", "int4"), ("ort-genai", "int4"), ("mlx", "4bit"), ("gguf", "q4_k_m"), ("gguf", "q5_k_m"),
@@ -88,6 +89,19 @@ def test_every_artifact_and_the_source_are_benched(target_all):
     page = (folder / "report.html").read_text()
     assert page.count("<svg") == 7
     assert all(f"{r['target']} {r['precision']}" in page for r in comparison["runs"])
+
+
+@pytest.mark.slow
+def test_caveats_of_stock_runtimes_reach_the_terminal_and_the_page(target_all):
+    folder, comparison = target_all
+    found = caveats(comparison)
+    mlx = [caveat for name, caveat in found if name.startswith("mlx ")]
+    assert len(mlx) == 4 and all("long factor below 128 tokens" in c for c in mlx), found
+    shown = " ".join((folder.parent / "stderr.txt").read_text().split())  # rich wraps long lines
+    page = (folder / "report.html").read_text()
+    for name, caveat in found:
+        assert f"note: {name}: {caveat}" in shown
+        assert html.escape(caveat) in page
 
 
 @pytest.mark.slow

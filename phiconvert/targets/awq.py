@@ -82,6 +82,12 @@ def export(job: ExportJob) -> dict[str, Any]:
         # AutoRound cannot fold a scale into part of a fused layer's outputs, so it does not scale the layers fed by
         # Phi-3's qkv_proj and gate_up_proj (o_proj, down_proj): those are clipped and rounded without AWQ scaling
         "awq_not_applied_after": skipped.layers,
+        "caveats": [
+            f"AWQ scaling not applied after {len(skipped.layers)} fused layers (qkv_proj, gate_up_proj): "
+            "o_proj and down_proj are clipped and rounded only"
+        ]
+        if skipped.layers
+        else [],
         "bits_per_weight": round(hf_common.bits_per_weight(job.output, job.source, layers), 3),
     }
 

@@ -90,6 +90,7 @@ def export(job: ExportJob) -> dict[str, Any]:
     model, tokenizer, config = load(str(job.output), return_config=True)  # as `mlx_lm.generate` loads it
     details = {"settings": settings, "eos_token_ids": sorted(tokenizer.eos_token_ids), **_describe(model, config)}
     details["rope"] = _rope_report(model, tokenizer, job.calibration)
+    details["caveats"] = _caveats(details)
     if settings["recipe"] == "mixed_3_4":
         details["bound"] = "mixed_3_4"  # 3.6 bits per weight: held to its own row of verify.BOUNDS, not int4's
     return details
@@ -168,6 +169,27 @@ def _describe(model: Any, config: dict[str, Any]) -> dict[str, Any]:
         "float_dtypes": sorted(floats),
         "quantization": quantization,
     }
+
+
+def _caveats(details: dict[str, Any]) -> list[str]:
+    """What the stock mlx-lm runtime computes differently from transformers, with the measured difference."""
+    out = []
+    if details["rope"]:
+        original, change = (
+            details["rope"]["original_max_position_embeddings"],
+            details["rope"]["stock_runtime_vs_short_factor"],
+        )
+        out.append(
+            f"stock mlx-lm rotates with longrope's long factor below {original} tokens too, where transformers uses "
+            f"the short one: top-1 {change['top1']:.3f}, KL {change['kl']:.4f} on a {change['tokens']}-token prompt "
+            "(verification applied transformers' rule)"
+        )
+    if details["sliding_window_ignored"]:
+        out.append(
+            f"mlx-lm ignores the {details['sliding_window_ignored']}-token sliding window: "
+            "beyond it every token attends to the whole context, unlike transformers"
+        )
+    return out
 
 
 def _rope_report(model: Any, tokenizer: Any, calibration: list[str]) -> dict[str, Any] | None:
