@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -142,13 +143,18 @@ def summary(report: dict[str, Any]) -> Table:
     return table
 
 
-def run_convert(argv: list[str]) -> int:
-    args = convert_parser().parse_args(argv)
+def with_stage_lines(verb: Callable[..., Any], args: argparse.Namespace) -> tuple[Any, Console]:
+    """Call ``verb`` with the parsed options it mirrors (all but --json), one line per stage on stderr."""
     console = Console(stderr=True)
-    options = {k: v for k, v in vars(args).items() if k != "json"}
     lines = StageLines(console)
     with lines.progress:
-        report = convert(**options, progress=lines)
+        result = verb(**{k: v for k, v in vars(args).items() if k != "json"}, progress=lines)
+    return result, console
+
+
+def run_convert(argv: list[str]) -> int:
+    args = convert_parser().parse_args(argv)
+    report, console = with_stage_lines(convert, args)
     if report.get("kind") == "comparison":
         console.width = max(console.width, 150)  # a dozen columns: do not squeeze them into a log's 80
         console.print(side_by_side(report))
@@ -199,11 +205,7 @@ def lengths(text: str) -> tuple[int, ...]:
 
 def run_bench(argv: list[str]) -> int:
     args = bench_parser().parse_args(argv)
-    console = Console(stderr=True)
-    options = {k: v for k, v in vars(args).items() if k != "json"}
-    lines = StageLines(console)
-    with lines.progress:
-        results = bench(**options, progress=lines)
+    results, console = with_stage_lines(bench, args)
     console.width = max(console.width, 150)  # a column per prompt length: do not squeeze them into a log's 80
     table = Table(title="phiconvert bench")
     for column in ("artifact", "target", "size", "load s", "load RSS", "peak RSS"):

@@ -174,11 +174,9 @@ def _describe(model: Any, config: dict[str, Any]) -> dict[str, Any]:
 def _caveats(details: dict[str, Any]) -> list[str]:
     """What the stock mlx-lm runtime computes differently from transformers, with the measured difference."""
     out = []
-    if details["rope"]:
-        original, change = (
-            details["rope"]["original_max_position_embeddings"],
-            details["rope"]["stock_runtime_vs_short_factor"],
-        )
+    rope = details["rope"]
+    if rope:
+        original, change = rope["original_max_position_embeddings"], rope["stock_runtime_vs_short_factor"]
         out.append(
             f"stock mlx-lm rotates with longrope's long factor below {original} tokens too, where transformers uses "
             f"the short one: top-1 {change['top1']:.3f}, KL {change['kl']:.4f} on a {change['tokens']}-token prompt "

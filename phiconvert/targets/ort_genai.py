@@ -137,7 +137,8 @@ def export(job: ExportJob) -> dict[str, Any]:
     settings = settings_for(job.precision, job.options)
     ep = settings["ep"]
     check_runtime(ep)
-    check_model(json.loads((job.source / "config.json").read_text()), ep)
+    config = json.loads((job.source / "config.json").read_text())
+    check_model(config, ep)
 
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
@@ -145,7 +146,6 @@ def export(job: ExportJob) -> dict[str, Any]:
     options = builder_options(settings)
     extra = parse_extra_options(None, source, output, job.precision, ep, cache, options)
     create_model(None, source, output, job.precision, ep, cache, **extra)
-    config = json.loads((job.source / "config.json").read_text())
     # CPU only: the GPU providers' 8-bit GatherBlockQuantized is not proven here
     tied = (
         job.precision == "int8" and ep == "cpu" and config.get("tie_word_embeddings") and tie_int8_embedding(job.output)
@@ -199,15 +199,8 @@ def tie_int8_embedding(artifact: Path) -> bool:
         return False
     attributes = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     vocab, hidden = attributes["N"], attributes["K"]
-    if (
-        attributes["bits"] != 8
-        or hidden % attributes["block_size"]
-        or list(initializers[gather.input[0]].dims)
-        != [
-            vocab,
-            hidden,
-        ]
-    ):
+    embedding = initializers[gather.input[0]]
+    if attributes["bits"] != 8 or hidden % attributes["block_size"] or list(embedding.dims) != [vocab, hidden]:
         return False
     shape = helper.make_tensor("/model/embed_tokens/tied_shape", onnx.TensorProto.INT64, [2], [vocab, hidden])
     reshape = helper.make_node(
@@ -228,7 +221,7 @@ def tie_int8_embedding(artifact: Path) -> bool:
     graph.node.remove(gather)
     graph.node.insert(position, lookup)
     graph.node.insert(position, reshape)
-    graph.initializer.remove(initializers[gather.input[0]])
+    graph.initializer.remove(embedding)
     graph.initializer.append(shape)
     _rewrite_external_data(model, artifact)
     onnx.save(model, str(model_file))
