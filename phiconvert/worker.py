@@ -39,7 +39,6 @@ def peak_rss() -> int:
 
 
 Send = Callable[[dict[str, Any]], None]
-SLOW_RUN_S = 2.0  # bench: a warm-up slower than this is measured once instead of the best of `repeats`
 
 
 def timed_stage(send: Send, name: str, fn: Callable, *args: Any) -> Any:
@@ -178,9 +177,11 @@ def run_bench(job: dict[str, Any], send: Send) -> dict[str, Any]:
     for ids in job["prompts"]:
 
         def prompt(ids: list[int] = ids) -> dict[str, Any]:
-            # warm-up: a new length's first call allocates and picks kernels (1.5-2.5x slower); a run that takes
-            # seconds is steady enough to be measured once (a large model on a CPU, mlx's CPU backend)
-            repeats = job["repeats"] if timed(ids, 2) < SLOW_RUN_S else 1
+            # warm-up: a new length's first call allocates and picks kernels (1.5-2.5x slower). Every length gets
+            # all the repeats, slow runs too: a single 8 s prefill (mlx's CPU backend, 512 tokens) varied by more
+            # than the 1 s its 31 decode steps took, and the difference of two timings came out negative
+            timed(ids, 2)
+            repeats = job["repeats"]
             first = min(timed(ids, 1) for _ in range(repeats))
             full = min(timed(ids, new_tokens) for _ in range(repeats))
             decode = (new_tokens - 1) / (full - first) if full > first else None
