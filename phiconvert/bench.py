@@ -17,7 +17,8 @@ from typing import Any
 
 from phiconvert import source, targets
 from phiconvert.errors import PhiconvertError
-from phiconvert.pipeline import HELDOUT, Progress, emit_with, run_worker, worker_python
+from phiconvert.source import HELDOUT
+from phiconvert.workers import Progress, emit_with, run_worker, worker_python
 
 PROMPT_LENGTHS = (16, 128, 512)
 NEW_TOKENS = 32

@@ -17,16 +17,26 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from phiconvert import envs, hardware, source, targets
+from phiconvert import envs, hardware, preflight, source, targets
 from phiconvert.bench import NEW_TOKENS, PROMPT_LENGTHS, REPEATS, bench
 from phiconvert.errors import PhiconvertError
-from phiconvert.pipeline import PACKAGE_ROOT, convert
+from phiconvert.pipeline import VERIFY_MODES, VerificationFailed, convert
 from phiconvert.report import caveats
 from phiconvert.report import table as side_by_side
 from phiconvert.worker import versions
+from phiconvert.workers import PACKAGE_ROOT
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
@@ -65,8 +75,10 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--int4-algo",
-        choices=["rtn", "k_quant", "k_quant_mixed"],
-        help="ort-genai: int4 quantizer; k_quant_mixed keeps sensitive layers at 8 bits (default)",
+        choices=["gptq_mixed", "gptq", "rtn", "k_quant", "k_quant_mixed"],
+        help="ort-genai: int4 quantizer. gptq_mixed (default): phiconvert's GPTQ on --calibration, one layer in "
+        "memory at a time, sensitive layers at 8 bits; rtn, k_quant, k_quant_mixed: the builder's own, which "
+        "builds the whole model in float32 first",
     )
     p.add_argument(
         "--int8-lm-head",
@@ -92,28 +104,58 @@ def convert_parser() -> argparse.ArgumentParser:
         help="gptq/awq: where calibration and quantization run (auto: CUDA, MPS, else CPU)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logit comparison")
+    p.add_argument(
+        "--verify",
+        choices=VERIFY_MODES,
+        default="full",
+        help="full (default): compare logits on a short window, a longer one and, for longrope models, one past the "
+        "original context; quick: without that last window; none: no comparison",
+    )
+    p.add_argument("--no-verify", dest="verify", action="store_const", const="none", help="same as --verify none")
     p.add_argument("--json", action="store_true", help="print the run's report as JSON on stdout")
     return p
 
 
 class StageLines:
-    """A spinner while a stage runs, then one permanent line with its time and the worker's peak memory."""
+    """A bar while a stage runs (a count, its unit and an ETA once the worker reports progress; a pulse until
+    then), then one permanent line with the stage's time and the worker's peak memory."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
         )
         self.tasks: dict[str, TaskID] = {}
+        self.steps: dict[str, str] = {}
 
     def __call__(self, event: dict[str, Any]) -> None:
         name = f"{event['label']} · {event['stage']}" if event.get("label") else event["stage"]
         if event["status"] == "note":
             self.console.print(event["message"], highlight=False, soft_wrap=True)
         elif event["status"] == "start":
-            self.tasks[name] = self.progress.add_task(name)
-        elif name in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=None, unit="")
+        elif event["status"] == "progress" and name in self.tasks:
+            task, what = self.tasks[name], event.get("what", "")
+            if self.steps.get(name) != what:  # a toolchain's next step: its own count, its own ETA
+                self.steps[name] = what
+                self.progress.reset(task, total=event["total"], completed=event["done"])
+            self.progress.update(
+                task,
+                completed=event["done"],
+                total=event["total"],
+                unit=event.get("unit", ""),
+                description=f"{name} · {what}" if what else name,
+            )
+        elif event["status"] == "done" and name in self.tasks:
             self.progress.remove_task(self.tasks.pop(name))
             peak = f"peak {gib(event['peak_rss'])}" if event.get("peak_rss") else ""
             self.console.print(
@@ -127,7 +169,8 @@ class StageLines:
 def summary(report: dict[str, Any]) -> Table:
     fidelity = report.get("fidelity") or {}
     table = Table(title=f"{report['target']} {report['precision']} → {report.get('output', '')}")
-    for column in ("size", "time", "peak RSS", "top-1", "KL", "PPL Δ", "greedy = source", "stops at <|end|>"):
+    for column in ("size", "time", "peak RSS", "top-1", "KL", "KL p99.9", "RMS Δp", "PPL Δ", "greedy = source",
+                   "ends its turn"):  # fmt: skip
         table.add_column(column, justify="right")
     peak = max((v for v in report["peak_rss"].values() if v), default=None)
     table.add_row(
@@ -136,8 +179,10 @@ def summary(report: dict[str, Any]) -> Table:
         gib(peak),
         f"{fidelity['top1']:.3f}" if fidelity else "-",
         f"{fidelity['kl']:.4f}" if fidelity else "-",
+        f"{fidelity['kl_p999']:.4f}" if fidelity else "-",
+        f"{fidelity['rms_dp']:.2f}%" if fidelity else "-",
         f"{fidelity['ppl_delta']:+.2f} ({fidelity['ppl_pct']:+.1f}%)" if fidelity else "-",
-        ("yes" if fidelity["greedy_match"] else "no") if fidelity else "-",
+        {True: "yes", False: "no", None: "-"}[fidelity["greedy_match"]] if fidelity else "-",
         "yes" if report["smoke"]["stopped_at_eot"] else "no",
     )
     return table
@@ -252,13 +297,13 @@ def run_doctor(argv: list[str]) -> int:
         table.add_row(label, value)
     console.print(table)
     console.print(f"--target auto: {choice.reason}", highlight=False, soft_wrap=True)
-    table = Table(title="Targets")
-    for column in ("target", "ready", "precisions", "toolchain", "to make it ready"):
+    table = Table(title=f"Targets (largest model: what {gib(rows[0]['memory'])} of memory holds, by measured peaks)")
+    for column in ("target", "ready", "precisions", "largest model", "toolchain", "to make it ready"):
         table.add_column(column)
     for row in rows:
         versions = ", ".join(f"{k} {v}" for k, v in row["versions"].items())
-        table.add_row(row["target"], "yes" if row["ready"] else "no", ", ".join(row["precisions"]), versions,
-                      row["fix"])  # fmt: skip
+        table.add_row(row["target"], "yes" if row["ready"] else "no", ", ".join(row["precisions"]),
+                      f"{row['largest_model'] / 1e9:.1f} B", versions, row["fix"])  # fmt: skip
     console.print(table)
     return 0
 
@@ -278,8 +323,17 @@ def toolchain_status(target: targets.Target) -> dict[str, Any]:
         found = versions(target.packages)
     fix = "" if ready else f"phiconvert setup {target.environment}" if target.environment else (
         f'pip install "phiconvert[{target.extra}]"')  # fmt: skip
+    memory = machine_memory()
     return {"target": target.name, "ready": ready, "missing": missing, "precisions": list(target.precisions),
-            "versions": {k: v for k, v in found.items() if v != "not installed"}, "fix": fix}  # fmt: skip
+            "versions": {k: v for k, v in found.items() if v != "not installed"}, "fix": fix,
+            "memory": memory, "largest_model": preflight.largest_model(target, memory)}  # fmt: skip
+
+
+def machine_memory() -> int:
+    """The memory a conversion may use on this machine: all of it but 1 GiB for the system and the parent."""
+    import psutil
+
+    return max(0, psutil.virtual_memory().total - 2**30)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -290,11 +344,17 @@ def main(argv: list[str] | None = None) -> None:
         code = run(argv[1:]) if run else run_convert(argv)
     except PhiconvertError as error:
         code, message = EXIT_ERROR, str(error)
+        report = error.report if isinstance(error, VerificationFailed) else None
     except KeyboardInterrupt:
-        code, message = EXIT_INTERRUPTED, "interrupted; nothing was written"
+        code, message, report = EXIT_INTERRUPTED, "interrupted; nothing was written", None
     else:
         sys.exit(code)
+    if report is not None:  # what was measured says why it failed: the table, and with --json the whole report
+        console = Console(stderr=True)
+        console.print(summary(report))
+        for caveat in report["caveats"]:
+            console.print(f"[yellow]note:[/] {caveat}", highlight=False, soft_wrap=True)
     print(f"error: {message}", file=sys.stderr)
     if "--json" in argv:
-        print(json.dumps({"error": message}))
+        print(json.dumps({"error": message, **({"report": report} if report else {})}, indent=2 if report else None))
     sys.exit(code)

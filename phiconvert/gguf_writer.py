@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import gguf
 import numpy as np
 import torch
 
+from phiconvert import progress, weights
 from phiconvert.errors import PhiconvertError
 from phiconvert.source import normalise_config
 from phiconvert.targets import END_OF_TURN
@@ -48,25 +48,9 @@ STORAGE = {
     gguf.GGMLQuantizationType.F16: np.float16,
     gguf.GGMLQuantizationType.BF16: np.uint16,
 }
-# safetensors dtype -> numpy dtype its raw elements are read as (bf16 as its 16 raw bits)
-SOURCE_DTYPES = {"BF16": np.int16, "F16": np.float16, "F32": np.float32}
 # safetensors and GGUF name these three alike
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 CHUNK = 1 << 24  # elements converted at a time (64 MiB of float32)
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    """Where one tensor's bytes lie in a safetensors file (read straight from its header)."""
-
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in the file
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -76,7 +60,7 @@ class Planned:
     name: str
     qtype: gguf.GGMLQuantizationType
     shape: tuple[int, ...]
-    source: SourceTensor | None = None
+    source: weights.Tensor | None = None
     array: np.ndarray | None = None
 
 
@@ -86,8 +70,7 @@ def write_gguf(source: Path, path: Path, dtype: str = "f16") -> dict[str, Any]:
     if config.get("model_type") != "phi3":
         raise PhiconvertError(f"GGUF export supports Phi3ForCausalLM only, not model_type {config.get('model_type')!r}")
     qtype, ftype = DTYPES[dtype]
-    weights = _read_safetensors_index(source)
-    plan = _plan_tensors(config, weights, qtype)
+    plan = _plan_tensors(config, weights.index(source), qtype)
     n_vocab = next(p.shape[0] for p in plan if p.name == "token_embd.weight")
 
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3])
@@ -101,43 +84,19 @@ def write_gguf(source: Path, path: Path, dtype: str = "f16") -> dict[str, Any]:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for p in plan:
+    for p in progress.track(plan, unit="tensors", what="write GGUF"):
         writer.write_tensor_data(p.array if p.array is not None else _convert(p.source, p.qtype))
     writer.close()
     return {"tensors": len(plan), "file_type": ftype.name, **details}
 
 
-def _read_safetensors_index(source: Path) -> dict[str, SourceTensor]:
-    """Name -> location of every tensor in the checkpoint's safetensors files (single file or shards)."""
-    index = source / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted({source / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(source.glob("*.safetensors"))
-    if not files:
-        raise PhiconvertError(f"no .safetensors weights in {source}")
-    tensors = {}
-    for file in files:
-        with open(file, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_size))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in SOURCE_DTYPES:
-                raise PhiconvertError(f"tensor {name} has dtype {info['dtype']}; expected BF16, F16 or F32")
-            offset = 8 + header_size + info["data_offsets"][0]
-            tensors[name] = SourceTensor(file, info["dtype"], tuple(info["shape"]), offset)
-    return tensors
-
-
 def _plan_tensors(
-    config: dict[str, Any], weights: dict[str, SourceTensor], qtype: gguf.GGMLQuantizationType
+    config: dict[str, Any], tensors: dict[str, weights.Tensor], qtype: gguf.GGMLQuantizationType
 ) -> list[Planned]:
     """GGUF names and types: 2-D weights in the output dtype, norms and rope factors in F32 (as llama.cpp expects)."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, config["num_hidden_layers"])
     plan = [Planned(name, gguf.GGMLQuantizationType.F32, a.shape, array=a) for name, a in _rope_factors(config)]
-    for hf_name, tensor in weights.items():
+    for hf_name, tensor in tensors.items():
         if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue  # tied: llama.cpp reuses token_embd when output.weight is absent
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -340,14 +299,12 @@ def _adds_special_tokens(source: Path) -> tuple[bool, bool]:
     return add_bos, add_eos
 
 
-def _convert(tensor: SourceTensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+def _convert(tensor: weights.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """Read one source tensor in chunks and convert it into the GGUF storage dtype."""
     out = np.empty(tensor.size, dtype=STORAGE[qtype])
-    with open(tensor.file, "rb") as f:
-        f.seek(tensor.offset)
-        for start in range(0, tensor.size, CHUNK):
-            raw = np.fromfile(f, dtype=SOURCE_DTYPES[tensor.dtype], count=min(CHUNK, tensor.size - start))
-            out[start : start + raw.size] = _cast(raw, tensor.dtype, qtype)
+    for start in range(0, tensor.size, CHUNK):
+        raw = weights.read(tensor, start, min(CHUNK, tensor.size - start))
+        out[start : start + raw.size] = _cast(raw, tensor.dtype, qtype)
     return out.reshape(tensor.shape)
 
 

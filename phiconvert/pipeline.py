@@ -1,44 +1,62 @@
-"""convert(): one source model → one verified artifact, written beside its destination and renamed into place.
+"""convert(): one source model → verified artifacts: one pair (target, precision), or a list of them side by side.
 
-Stages: resolve and stage the source → torch reference (held-out logits, greedy chat reply) → export, smoke test
-and artifact logits in the target's worker → compare against the precision's bound → phiconvert.json → rename.
-Nothing is left at the destination unless every stage passed.
+One run engine for both: resolve and stage the source → pre-flight (memory and disk, before any work) → the
+source's reference (float32 log-probabilities of the held-out windows, written to disk) → for each pair, export,
+smoke test and comparison with the reference in the target's worker → the source's greedy chat reply, with the
+artifacts' replies as drafts → reports. A single conversion renames its verified artifact into place; a list
+(``--target all`` or ``a,b:precision``) continues past failures, benches every verified artifact and the source,
+and writes the side-by-side report (``phiconvert.report`` renders it). Nothing is left at the destination unless
+every stage passed, and everything is built in a temporary folder beside it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from phiconvert import __version__, envs, hardware, source, targets
+from phiconvert import __version__, bench, hardware, preflight, report, source, targets, verify
 from phiconvert.errors import PhiconvertError
-from phiconvert.verify import bound_for, compare
-from phiconvert.worker import load_logits, timed_stage
+from phiconvert.worker import timed_stage
+from phiconvert.workers import Progress, emit_with, quiet, run_worker, worker_python
 
-HELDOUT = source.FIXTURES / "heldout.txt"
-CALIBRATION = source.FIXTURES / "calibration.txt"
 MESSAGES = [{"role": "user", "content": "What is a list comprehension?"}]
 MAX_NEW_TOKENS = 48
-# (start, length) token windows of the held-out text: one short, one past tiny-phi4mini's original context (128),
-# so longrope's short and long factors are both checked.
-WINDOWS = ((0, 64), (64, 384))
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+VERIFY_MODES = ("full", "quick", "none")
 
-Progress = Callable[[dict[str, Any]], None]
+
+class VerificationFailed(PhiconvertError):
+    """An artifact was made but broke its precision's bound: the error carries the whole report."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One target/precision of a run, checked before any work (``skipped``: why it cannot run here)."""
+
+    target: str
+    precision: str
+    adapter: targets.Target | None = None
+    options: dict[str, Any] | None = None
+    python: str | None = None
+    skipped: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.target} {self.precision}"
 
 
 def convert(
     model: str | None = None,
-    target: str = "openvino",  # or "auto": the hardware detector's choice for this machine
+    target: str = "openvino",  # or "auto": the hardware detector's choice; "all" or "a,b:precision": side by side
     precision: str | None = None,
     output: str | Path | None = None,
     group_size: int | None = None,
@@ -53,47 +71,141 @@ def convert(
     desc_act: bool | None = None,
     device: str | None = None,
     force: bool = False,
-    verify: bool = True,
+    verify: str | bool = "full",  # full, quick (no window past the original context), none (True/False: full/none)
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Convert ``model`` for ``target`` at ``precision`` and prove it; returns the report (also phiconvert.json).
 
-    ``target`` may also be ``all`` or a comma-separated list (``openvino,gguf:q8_0``): every pair then runs in its own
-    worker against one shared reference, past failures, and ``output`` becomes a folder holding each verified
-    artifact and the side-by-side report (see ``phiconvert.report``).
-    """
-    emit = progress or (lambda event: None)
+    With ``target`` ``all`` or a comma-separated list (``openvino,gguf:q8_0``), every pair runs in its own worker
+    against one shared reference, past failures, and ``output`` becomes a folder holding each verified artifact
+    and the side-by-side report (``report.json``, ``report.html``)."""
+    emit = progress or quiet
+    mode = {True: "full", False: "none"}.get(verify, verify)  # type: ignore[call-overload]
+    if mode not in VERIFY_MODES:
+        raise PhiconvertError(f"--verify must be one of {', '.join(VERIFY_MODES)}, not '{verify}'")
     options = {"group_size": group_size, "sym": sym, "ep": ep, "accuracy_level": accuracy_level,
                "int4_algo": int4_algo, "int8_lm_head": int8_lm_head, "recipe": recipe, "method": method,
                "desc_act": desc_act, "device": device}  # fmt: skip
-    if target == "all" or "," in target:
-        from phiconvert import report
-
-        return report.compare(model, target, precision, output, options, calibration, force, verify, emit)
+    several = target == "all" or "," in target
     auto = None
     if target == "auto":
         recommendation = hardware.recommend(hardware.probe())
         target, precision = recommendation.target, precision or recommendation.precision
         auto = recommendation.reason
         emit({"stage": "auto", "status": "note", "message": f"--target auto: {auto}"})
-    adapter, precision, chosen, python = plan(target, precision, options)
+    pairs = plan_all(target, precision, options) if several else [plan(target, precision, options)]
     src = source.resolve(model)
     samples = calibration_samples(calibration)
-    destination, temp = temporary_beside(Path(output or f"{src.name}-{target}-{precision}"), force)
+    config = source.normalise_config(src.config)
+    windows, skipped_windows = verify_windows(config, mode)
+    refused = preflight.check(src, [p for p in pairs if not p.skipped], windows, emit, output)
+    if refused and not target.startswith("all"):
+        raise PhiconvertError(next(iter(refused.values())))
+    pairs = [replace(p, skipped=refused.get((p.target, p.precision), p.skipped)) for p in pairs]
+    default_name = f"{src.name}-compare" if several else f"{src.name}-{pairs[0].target}-{pairs[0].precision}"
+    destination, temp = temporary_beside(Path(output or default_name), force)
     started = time.perf_counter()
     try:
         staging = source.stage(src, temp / "staging")
-        reference = run_reference(staging, temp, emit) if verify else None
-        report, artifact = convert_one(src, staging, reference, adapter, precision, chosen, python, samples, temp, emit)
-        report["seconds"] = time.perf_counter() - started
-        report["auto"] = auto
-        (artifact / "phiconvert.json").write_text(json.dumps(report, indent=2) + "\n")
-        fail_unless_passed(report)
-        move_into_place(artifact, destination)
-        report["output"] = str(destination)
-        return report
+        prompts = bench.prompt_ids(staging, {}, bench.PROMPT_LENGTHS, bench.NEW_TOKENS) if several else None
+        reference = run_reference(staging, windows, temp, emit_with(emit, "source") if several else emit)
+        runs = []
+        for pair in pairs:
+            tagged = emit_with(emit, pair.label) if several else emit
+            runs.append(convert_pair(src, staging, reference, pair, (samples, calibration is not None), windows,
+                                     skipped_windows, temp, tagged))  # fmt: skip
+            if not several and runs[-1]["status"] == "failed" and "report" not in runs[-1]:
+                raise PhiconvertError(runs[-1]["error"])
+        if reference:
+            source_chat(staging, runs, temp, emit_with(emit, "source") if several else emit)
+        if several:
+            return finish_comparison(src, staging, runs, prompts, target, precision, temp, destination, started, emit)
+        run = runs[0]
+        run["report"] |= {"seconds": time.perf_counter() - started, "auto": auto}
+        (run["folder"] / "phiconvert.json").write_text(json.dumps(run["report"], indent=2) + "\n")
+        if run["status"] == "failed":
+            raise VerificationFailed(run["error"], run["report"])
+        move_into_place(run["folder"], destination)
+        return {**run["report"], "output": str(destination)}
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def verify_windows(config: dict[str, Any], mode: str) -> tuple[list[tuple[int, int]], list[str]]:
+    """(start, length) windows of the held-out text this model is verified on, and what ``mode`` leaves out."""
+    if mode == "none":
+        return [], []
+    windows, long_window = verify.windows(config)
+    if long_window and mode == "full":
+        return [*windows, long_window], []
+    if long_window:
+        skipped = (f"--verify quick: the {long_window[1]}-token window past the original context "
+                   f"({long_window[1] - verify.LONG_MARGIN} tokens), where longrope switches to its long factors, "
+                   "was not checked")  # fmt: skip
+        return windows, [skipped]
+    return windows, []
+
+
+def plan(target: str, precision: str | None, options: dict[str, Any]) -> Pair:
+    """Check one target/precision/options choice before any work."""
+    adapter = targets.load(target)
+    precision = precision or adapter.default_precision
+    if precision not in adapter.precisions:
+        raise PhiconvertError(
+            f"target '{target}' cannot do precision '{precision}'; it supports: {', '.join(adapter.precisions)}"
+        )
+    chosen = _target_options(adapter, options)
+    if adapter.check:
+        adapter.check(precision, chosen)
+    return Pair(target, precision, adapter, chosen, worker_python(adapter))
+
+
+def plan_all(target: str, precision: str | None, options: dict[str, Any]) -> list[Pair]:
+    """Every pair of ``all`` or a list, checked before any work; ``all`` skips (with the reason) what cannot run."""
+    chosen = select(target, precision)
+    given = {name for name, value in options.items() if value is not None}
+    declared = {name for t, _ in chosen for name in targets.load(t).options}
+    if given - declared:
+        flag = "--" + sorted(given - declared)[0].replace("_", "-")
+        raise PhiconvertError(f"{flag} applies to none of the selected targets")
+    pairs = []
+    for name, prec in chosen:
+        mine = {k: v for k, v in options.items() if k in targets.load(name).options}
+        try:
+            pairs.append(plan(name, prec, mine))
+        except PhiconvertError as error:
+            if not target.startswith("all"):
+                raise
+            pairs.append(Pair(name, prec, skipped=str(error)))
+    return pairs
+
+
+def select(target: str, precision: str | None) -> list[tuple[str, str]]:
+    """Target/precision pairs of ``all`` or ``a,b:precision,...``.
+
+    ``all`` is every precision of every target; ``--precision`` narrows it to the precisions of that class (int4
+    selects q4_k_m, 4bit, nf4, ...). In a list, a bare target takes ``--precision`` (or that class) or its default.
+    """
+    chosen: list[tuple[str, str]] = []
+    for item in [part.strip() for part in target.split(",") if part.strip()]:
+        name, _, given = item.partition(":")
+        names = targets.names() if name == "all" else [name]
+        for each in names:
+            adapter = targets.load(each)
+            if given:
+                found = [given]
+            elif precision:
+                found = [p for p in adapter.precisions if precision in (p, verify.ALIASES.get(p, p))]
+                if not found and name != "all":
+                    raise PhiconvertError(
+                        f"target '{each}' has no {precision} precision: {', '.join(adapter.precisions)}"
+                    )
+            else:
+                found = list(adapter.precisions) if name == "all" else [adapter.default_precision]
+            chosen += [(each, p) for p in found if (each, p) not in chosen]
+    if not chosen:
+        raise PhiconvertError(f"--target {target} --precision {precision} selects nothing")
+    return chosen
 
 
 def temporary_beside(output: Path, force: bool) -> tuple[Path, Path]:
@@ -105,43 +217,37 @@ def temporary_beside(output: Path, force: bool) -> tuple[Path, Path]:
     return destination, Path(tempfile.mkdtemp(prefix=f".{destination.name}.phiconvert-", dir=destination.parent))
 
 
-def plan(target: str, precision: str | None, options: dict[str, Any]) -> tuple[targets.Target, str, dict, str]:
-    """Check one target/precision/options choice before any work: (adapter, precision, its options, interpreter)."""
-    adapter = targets.load(target)
-    precision = precision or adapter.default_precision
-    if precision not in adapter.precisions:
-        raise PhiconvertError(
-            f"target '{target}' cannot do precision '{precision}'; it supports: {', '.join(adapter.precisions)}"
-        )
-    chosen = _target_options(adapter, **options)
-    if adapter.check:
-        adapter.check(precision, chosen)
-    return adapter, precision, chosen, worker_python(adapter)
-
-
-def run_reference(staging: Path, temp: Path, emit: Progress) -> dict[str, Any]:
-    """The source's fp32 logits on the held-out windows and its greedy chat reply, in a worker of this interpreter."""
+def run_reference(staging: Path, windows: list[tuple[int, int]], temp: Path, emit: Progress) -> dict[str, Any] | None:
+    """The source's float32 log-probabilities of each window, on disk, computed in a worker of this interpreter."""
+    if not windows:
+        return None
     work = temp / "reference"
     work.mkdir()
-    job = {"kind": "reference", "source": str(staging), "messages": MESSAGES, "max_new_tokens": MAX_NEW_TOKENS,
-           "text_file": str(HELDOUT), "windows": WINDOWS, "logits_out": str(work / "source.npz")}  # fmt: skip
-    return {**run_worker(sys.executable, job, work, "reference", emit), "logits": work / "source.npz"}
+    job = {"kind": "reference", "source": str(staging), "text_file": str(source.HELDOUT), "windows": windows,
+           "out": str(work)}  # fmt: skip
+    run = run_worker(sys.executable, job, work, "reference", emit)
+    files = [str(work / f"source-{i}.npy") for i in range(len(windows))]
+    return {**run, "windows": windows, "files": files}
 
 
-def convert_one(
+def convert_pair(
     src: source.Source,
     staging: Path,
     reference: dict[str, Any] | None,
-    adapter: targets.Target,
-    precision: str,
-    options: dict[str, Any],
-    python: str,
-    samples: list[str],
+    pair: Pair,
+    calibration: tuple[list[str], bool],
+    windows: list[tuple[int, int]],
+    skipped_windows: list[str],
     temp: Path,
     emit: Progress,
-) -> tuple[dict[str, Any], Path]:
-    """Export, smoke-test and verify one artifact inside ``temp``; returns its report and its folder."""
-    label = f"{adapter.name}-{precision}"
+) -> dict[str, Any]:
+    """Export, smoke-test and verify one pair inside ``temp``: its row (status, report, artifact folder)."""
+    row: dict[str, Any] = {"target": pair.target, "precision": pair.precision}
+    samples, calibration_given = calibration
+    if pair.skipped:
+        emit({"stage": "plan", "status": "note", "message": f"- {pair.label}: skipped, {pair.skipped}"})
+        return {**row, "status": "skipped", "error": pair.skipped}
+    label = f"{pair.target}-{pair.precision}"
     artifact, work = temp / label, temp / f"work-{label}"
     artifact.mkdir()
     (work / "target").mkdir(parents=True)
@@ -150,35 +256,60 @@ def convert_one(
         "source": str(staging),
         "messages": MESSAGES,
         "max_new_tokens": MAX_NEW_TOKENS,
-        "target": adapter.name,
-        "precision": precision,
-        "options": options,
+        "target": pair.target,
+        "precision": pair.precision,
+        "options": pair.options,
         "calibration": samples,
+        "calibration_given": calibration_given,
         "output": str(artifact),
         "work": str(work / "target"),
         "sequences": reference["result"]["sequences"] if reference else None,
-        "logits_out": str(work / "artifact.npz"),
+        "source_logprobs": reference["files"] if reference else None,
+        "positions_out": str(work),
     }
-    result = run_worker(python, job, work, adapter.name, emit)
-    report = timed_stage(emit, "verify", _report, src, adapter, precision, options, artifact, reference, result, work)
-    return report, artifact
+    started = time.perf_counter()
+    try:
+        result = run_worker(pair.python, job, work, pair.target, emit)
+        built = timed_stage(emit, "verify", _report, src, pair, artifact, reference, result, work, skipped_windows)
+    except PhiconvertError as error:
+        emit({"stage": "convert", "status": "note", "message": f"✗ {pair.label}: {error}"})
+        shutil.rmtree(artifact, ignore_errors=True)
+        return {**row, "status": "failed", "error": str(error)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    built["seconds"] = time.perf_counter() - started
+    fidelity = built["fidelity"]
+    if fidelity and not fidelity["passed"]:
+        error = f"verification failed for {pair.label}: {'; '.join(fidelity['failures'])}"
+        emit({"stage": "convert", "status": "note", "message": f"✗ {error}"})
+        return {**row, "status": "failed", "error": error, "report": built, "folder": artifact}
+    return {**row, "status": "passed", "report": built, "folder": artifact}
 
 
-def fail_unless_passed(report: dict[str, Any]) -> None:
-    if report["fidelity"] and not report["fidelity"]["passed"]:
-        reasons = "; ".join(report["fidelity"]["failures"])
-        raise PhiconvertError(f"verification failed for {report['target']} {report['precision']}: {reasons}")
-
-
-def emit_with(progress: Progress | None, label: str) -> Progress:
-    """Progress events tagged with the artifact they belong to, for runs that make several."""
-    return (lambda event: progress({**event, "label": label})) if progress else (lambda event: None)
+def source_chat(staging: Path, runs: list[dict[str, Any]], temp: Path, emit: Progress) -> None:
+    """The source's greedy chat reply, checked against every verified artifact's reply as a draft (the closest
+    artifact first); each of their reports then says whether it replied exactly as the source."""
+    passed = [r for r in runs if r["status"] == "passed"]
+    if not passed:
+        return
+    passed.sort(key=lambda r: r["report"]["fidelity"]["kl"])
+    work = temp / "source-chat"
+    work.mkdir()
+    job = {"kind": "source-chat", "source": str(staging), "messages": MESSAGES, "max_new_tokens": MAX_NEW_TOKENS,
+           "drafts": [r["report"]["smoke"]["ids"] for r in passed]}  # fmt: skip
+    run = run_worker(sys.executable, job, work, "source-chat", emit)
+    reply = run["result"]
+    for r in passed:
+        r["report"]["stages"] += run["stages"]
+        r["report"]["peak_rss"]["reference"] = max(r["report"]["peak_rss"]["reference"] or 0, run["peak_rss"])
+        r["report"]["fidelity"]["source_reply"] = reply["text"]
+        r["report"]["fidelity"]["greedy_match"] = r["report"]["smoke"]["text"].strip() == reply["text"].strip()
 
 
 def calibration_samples(calibration: str | None) -> list[str]:
     """Calibration strings: a text file's or a literal text's paragraphs; the bundled text when none is given."""
     if calibration is None:
-        text = CALIBRATION.read_text()
+        text = source.CALIBRATION.read_text()
     elif Path(calibration).expanduser().is_file():
         text = Path(calibration).expanduser().read_text()
     else:
@@ -189,7 +320,7 @@ def calibration_samples(calibration: str | None) -> list[str]:
     return samples
 
 
-def _target_options(adapter: targets.Target, **given: Any) -> dict[str, Any]:
+def _target_options(adapter: targets.Target, given: dict[str, Any]) -> dict[str, Any]:
     """The options the target declares, refusing ones it would silently ignore."""
     for name, value in given.items():
         if value is not None and name not in adapter.options:
@@ -198,100 +329,51 @@ def _target_options(adapter: targets.Target, **given: Any) -> dict[str, Any]:
     return {name: given.get(name) for name in adapter.options}
 
 
-def worker_python(adapter: targets.Target) -> str:
-    """This interpreter when it has the toolchain, else the target's managed environment, else a clear error."""
-    missing = targets.missing_modules(adapter)
-    if not missing:
-        return sys.executable
-    if adapter.environment and envs.python(adapter.environment):
-        return str(envs.python(adapter.environment))
-    hint = f'pip install "phiconvert[{adapter.extra}]"'
-    if adapter.environment:
-        hint = f"phiconvert setup {adapter.environment}"
-    raise PhiconvertError(f"target '{adapter.name}' needs: {hint} (missing: {', '.join(missing)})")
-
-
-def run_worker(python: str, job: dict[str, Any], work: Path, label: str, emit: Progress) -> dict[str, Any]:
-    """Run one worker process to completion, relaying its stage events; return its final result event."""
-    job_file = work / f"{label}.job.json"
-    log_file = work / f"{label}.log"
-    job_file.write_text(json.dumps(job))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
-    final: dict[str, Any] = {}
-    stages: list[dict[str, Any]] = []
-    with log_file.open("w") as log:
-        process = subprocess.Popen(
-            [python, "-m", "phiconvert.worker", str(job_file)], stdout=subprocess.PIPE, stderr=log, text=True, env=env
-        )
-        try:
-            for line in process.stdout:
-                event = json.loads(line)
-                if "stage" in event:
-                    emit({**event, "worker": label})
-                    if event["status"] == "done":
-                        stages.append({k: event[k] for k in ("stage", "seconds", "peak_rss")})
-                else:
-                    final = event
-            process.wait()
-        except BaseException:
-            process.kill()
-            process.wait()
-            raise
-    if "result" in final:
-        return {**final, "stages": stages}
-    kept = _keep_log(log_file, label)
-    if "error" in final:
-        raise PhiconvertError(f"{label}: {final['error']} (log: {kept})")
-    code = process.returncode
-    why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-    raise PhiconvertError(f"{label}: worker crashed with {why} (log: {kept})")
-
-
-def _keep_log(log_file: Path, label: str) -> Path:
-    """Copy a failed worker's log out of the temporary folder, which is about to be removed."""
-    logs = envs.cache_dir() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    kept = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}.log"
-    shutil.copyfile(log_file, kept)
-    return kept
-
-
 def _report(
     src: source.Source,
-    adapter: targets.Target,
-    precision: str,
-    options: dict[str, Any],
+    pair: Pair,
     artifact: Path,
     reference: dict[str, Any] | None,
     target_run: dict[str, Any],
     work: Path,
+    skipped_windows: list[str],
 ) -> dict[str, Any]:
     result = target_run["result"]
+    details = dict(result["details"])
+    caveats = details.pop("caveats", []) + skipped_windows
     fidelity = None
     if reference is not None:
-        sequences = reference["result"]["sequences"]
-        numbers = compare(load_logits(reference["logits"]), load_logits(work / "artifact.npz"), sequences)
-        bound = bound_for(result["details"].get("bound", precision))
-        failures = numbers.failures(bound)
-        source_text = reference["result"]["smoke"]["text"]
+        windows = reference["windows"]
+        numbers = [verify.Positions.load(work / f"positions-{i}.npz") for i in range(len(windows))]
+        summary = verify.summarise(windows, numbers)
+        bound = verify.bound_for(details.get("bound", pair.precision))
+        failures = summary.failures(bound)
+        variants = {}
+        for name, meaning in pair.adapter.variants.items():
+            found = [(w, work / f"positions-{name}-{i}.npz") for i, w in enumerate(windows)]
+            found = [(w, path) for w, path in found if path.exists()]
+            if found:
+                measured = verify.summarise([w for w, _ in found], [verify.Positions.load(p) for _, p in found])
+                variants[name] = measured.to_dict()
+                caveats.append(f"{meaning}: against the source on {measured.positions} positions, top-1 "
+                               f"{measured.worst_top1:.3f}, KL {measured.worst_kl:.4f}")  # fmt: skip
         fidelity = {
-            **numbers.to_dict(),
+            **summary.to_dict(),
             "bound": bound.__dict__,
             "passed": not failures,
             "failures": failures,
-            "greedy_match": result["smoke"]["text"].strip() == source_text.strip(),
-            "source_reply": source_text,
-            "windows": [list(w) for w in WINDOWS],
+            "greedy_match": None,  # filled by the source's chat reply, once every pair has run
+            "source_reply": None,
+            "variants": variants,
         }
     files = [p for p in artifact.rglob("*") if p.is_file()]
-    details = dict(result["details"])
     return {
         "phiconvert": __version__,
         "source": {"model": src.model, "path": str(src.path), "layout": src.layout,
                    "architecture": src.config.get("architectures", ["?"])[0]},
-        "target": adapter.name,
-        "precision": precision,
-        "options": options,
+        "target": pair.target,
+        "precision": pair.precision,
+        "options": pair.options,
         "toolchain": result.get("versions", {}),
         "size_bytes": sum(p.stat().st_size for p in files),
         "files": sorted([str(p.relative_to(artifact)) for p in files] + ["phiconvert.json"]),
@@ -300,9 +382,72 @@ def _report(
         "smoke": {"messages": MESSAGES, **result["smoke"]},
         "fidelity": fidelity,
         # what the artifact's stock runtime does differently from the source, beyond the fidelity numbers
-        "caveats": details.pop("caveats", []),
+        "caveats": caveats,
         "details": details,
     }  # fmt: skip
+
+
+def finish_comparison(
+    src: source.Source,
+    staging: Path,
+    runs: list[dict[str, Any]],
+    prompts: list[list[int]] | None,
+    target: str,
+    precision: str | None,
+    temp: Path,
+    destination: Path,
+    started: float,
+    emit: Progress,
+) -> dict[str, Any]:
+    """Bench the source and every verified artifact, write report.json and report.html, move it all into place."""
+    out = temp / "out"
+    out.mkdir()
+    for run in runs:
+        if run["status"] == "passed":
+            (run["folder"] / "phiconvert.json").write_text(json.dumps(run["report"], indent=2) + "\n")
+            run["folder"].rename(out / run["folder"].name)
+            run["artifact"] = run["folder"].name
+        else:
+            shutil.rmtree(run.pop("folder", temp / "none"), ignore_errors=True)
+        run.pop("folder", None)
+    bench_work = temp / "bench"
+    bench_work.mkdir()
+    baseline = {"target": "source", "precision": "fp32", "status": "passed"}
+    for row in [baseline, *[r for r in runs if r["status"] == "passed"]]:
+        folder = staging if row is baseline else out / row["artifact"]
+        kind = bench.SOURCE if row is baseline else row["target"]
+        try:
+            measured = bench.measure(kind, folder, row, prompts, bench.NEW_TOKENS, bench.REPEATS, bench_work, emit)
+            # where it will be once in place: the source's own folder, or the artifact's inside the report
+            row["bench"] = {**measured, "artifact": str(src.path) if row is baseline else row["artifact"]}
+        except PhiconvertError as error:
+            row["bench_error"] = str(error)
+            emit({"stage": "bench", "status": "note", "message": f"✗ bench {kind}: {error}"})
+    comparison = {
+        "phiconvert": __version__,
+        "kind": "comparison",
+        "source": {
+            "model": src.model,
+            "path": str(src.path),
+            "parameters": source.parameter_count(staging),
+            "dtype": src.config.get("torch_dtype") or src.config.get("dtype") or "float32",
+        },
+        "machine": dict(hardware.describe(hardware.probe())),
+        "selection": {"target": target, "precision": precision},
+        "bench": {
+            "prompt_lengths": list(bench.PROMPT_LENGTHS),
+            "new_tokens": bench.NEW_TOKENS,
+            "repeats": bench.REPEATS,
+        },  # fmt: skip
+        "baseline": baseline,
+        "runs": runs,
+        "failed": [f"{r['target']} {r['precision']}" for r in runs if r["status"] == "failed"],
+        "seconds": time.perf_counter() - started,
+    }
+    (out / "report.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    (out / "report.html").write_text(report.render_html(comparison))
+    move_into_place(out, destination)
+    return {**comparison, "output": str(destination)}
 
 
 def move_into_place(artifact: Path, destination: Path) -> None:

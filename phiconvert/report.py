@@ -1,177 +1,23 @@
-"""`--target all` (or a list): every target/precision pair against one reference, then one side-by-side report.
+"""The side-by-side report of a run of several pairs (``--target all``): terminal table and HTML page with plots.
 
-Each pair is converted and verified in its own worker exactly as a single conversion is; a pair that fails (or
-cannot run here) is recorded and the run goes on. Verified artifacts and the source model are then benched
-(`phiconvert.bench`), and the output folder gets every verified artifact, report.json and report.html. Like a
-single conversion, everything is built in a temporary folder beside the destination and renamed into place at the end.
+Rendering only: ``phiconvert.pipeline`` runs the conversions and benches and hands over the comparison (what
+report.json holds); this module turns it into rows, a rich table and a self-contained page.
 """
 
 from __future__ import annotations
 
 import html
 import io
-import json
-import shutil
-import time
-from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from phiconvert import __version__, bench, hardware, pipeline, source, targets
-from phiconvert.errors import PhiconvertError
 from phiconvert.verify import ALIASES
 
 # Nominal bits per weight of each precision name: the "theory" that measured sizes and memory are set against.
 NOMINAL_BITS = {"int4": 4, "int8": 8, "fp16": 16, "bf16": 16, "fp32": 32, "q5_k_m": 5, "q6_k": 6}
 # the source's theory is its checkpoint's dtype (it is benched in float32, as the reference runs)
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-
-
-def pairs(target: str, precision: str | None) -> list[tuple[str, str]]:
-    """Target/precision pairs of ``all`` or ``a,b:precision,...``.
-
-    ``all`` is every precision of every target; ``--precision`` narrows it to the precisions of that class (int4
-    selects q4_k_m, 4bit, nf4, ...). In a list, a bare target takes ``--precision`` (or that class) or its default.
-    """
-    chosen: list[tuple[str, str]] = []
-    for item in [part.strip() for part in target.split(",") if part.strip()]:
-        name, _, given = item.partition(":")
-        names = targets.names() if name == "all" else [name]
-        for each in names:
-            adapter = targets.load(each)
-            if given:
-                found = [given]
-            elif precision:
-                found = [p for p in adapter.precisions if precision in (p, ALIASES.get(p, p))]
-                if not found and name != "all":
-                    raise PhiconvertError(
-                        f"target '{each}' has no {precision} precision: {', '.join(adapter.precisions)}"
-                    )
-            else:
-                found = list(adapter.precisions) if name == "all" else [adapter.default_precision]
-            chosen += [(each, p) for p in found if (each, p) not in chosen]
-    if not chosen:
-        raise PhiconvertError(f"--target {target} --precision {precision} selects nothing")
-    return chosen
-
-
-def compare(
-    model: str | None,
-    target: str,
-    precision: str | None,
-    output: str | Path | None,
-    options: dict[str, Any],
-    calibration: str | None,
-    force: bool,
-    verify: bool,
-    emit: pipeline.Progress,
-) -> dict[str, Any]:
-    """Convert, verify and bench every pair of ``target``; returns the comparison (also report.json)."""
-    chosen = pairs(target, precision)
-    given = {name for name, value in options.items() if value is not None}
-    declared = {name for t, _ in chosen for name in targets.load(t).options}
-    if given - declared:
-        flag = "--" + sorted(given - declared)[0].replace("_", "-")
-        raise PhiconvertError(f"{flag} applies to none of the selected targets")
-    plans: list[tuple[str, str, Any, str | None]] = []
-    for name, prec in chosen:  # everything is checked before any work; `all` skips what cannot run here
-        adapter = targets.load(name)
-        try:
-            mine = {k: v for k, v in options.items() if k in adapter.options}
-            plans.append((name, prec, pipeline.plan(name, prec, mine), None))
-        except PhiconvertError as error:
-            if not target.startswith("all"):
-                raise
-            plans.append((name, prec, None, str(error)))
-    src = source.resolve(model)
-    samples = pipeline.calibration_samples(calibration)
-    destination, temp = pipeline.temporary_beside(Path(output or f"{src.name}-compare"), force)
-    started = time.perf_counter()
-    try:
-        staging = source.stage(src, temp / "staging")
-        out = temp / "out"
-        out.mkdir()
-        prompts = bench.prompt_ids(staging, {}, bench.PROMPT_LENGTHS, bench.NEW_TOKENS)  # fails before any work
-        reference = pipeline.run_reference(staging, temp, pipeline.emit_with(emit, "source")) if verify else None
-        runs = [_convert(src, staging, reference, plan, samples, temp, out, emit) for plan in plans]
-        bench_work = temp / "bench"
-        bench_work.mkdir()
-        baseline = {"target": "source", "precision": "fp32", "status": "passed"}
-        for row in [baseline, *[r for r in runs if r["status"] == "passed"]]:
-            folder = staging if row is baseline else out / row["artifact"]
-            kind = bench.SOURCE if row is baseline else row["target"]
-            try:
-                measured = bench.measure(kind, folder, row, prompts, bench.NEW_TOKENS, bench.REPEATS, bench_work, emit)
-                # where it will be once in place: the source's own folder, or the artifact's inside the report
-                row["bench"] = {**measured, "artifact": str(src.path) if row is baseline else row["artifact"]}
-            except PhiconvertError as error:
-                row["bench_error"] = str(error)
-                emit({"stage": "bench", "status": "note", "message": f"✗ bench {kind}: {error}"})
-        comparison = {
-            "phiconvert": __version__,
-            "kind": "comparison",
-            "source": {
-                "model": src.model,
-                "path": str(src.path),
-                "parameters": source.parameter_count(staging),
-                "dtype": src.config.get("torch_dtype") or src.config.get("dtype") or "float32",
-            },
-            "machine": dict(hardware.describe(hardware.probe())),
-            "selection": {"target": target, "precision": precision},
-            "bench": {
-                "prompt_lengths": list(bench.PROMPT_LENGTHS),
-                "new_tokens": bench.NEW_TOKENS,
-                "repeats": bench.REPEATS,
-            },  # fmt: skip
-            "baseline": baseline,
-            "runs": runs,
-            "failed": [f"{r['target']} {r['precision']}" for r in runs if r["status"] == "failed"],
-            "seconds": time.perf_counter() - started,
-        }
-        (out / "report.json").write_text(json.dumps(comparison, indent=2) + "\n")
-        (out / "report.html").write_text(render_html(comparison))
-        pipeline.move_into_place(out, destination)
-        comparison["output"] = str(destination)
-        return comparison
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _convert(
-    src: source.Source,
-    staging: Path,
-    reference: dict[str, Any] | None,
-    plan: tuple[str, str, Any, str | None],
-    samples: list[str],
-    temp: Path,
-    out: Path,
-    emit: pipeline.Progress,
-) -> dict[str, Any]:
-    """One pair: its row of the report, with the artifact moved into ``out`` only when it passed."""
-    name, precision, planned, skipped = plan
-    row: dict[str, Any] = {"target": name, "precision": precision}
-    tagged = pipeline.emit_with(emit, f"{name} {precision}")
-    if skipped:
-        emit({"stage": "plan", "status": "note", "message": f"- {name} {precision}: skipped, {skipped}"})
-        return {**row, "status": "skipped", "error": skipped}
-    adapter, precision, options, python = planned
-    started = time.perf_counter()
-    try:
-        report, artifact = pipeline.convert_one(
-            src, staging, reference, adapter, precision, options, python, samples, temp, tagged
-        )
-        report["seconds"] = time.perf_counter() - started
-        row["report"] = report
-        (artifact / "phiconvert.json").write_text(json.dumps(report, indent=2) + "\n")
-        pipeline.fail_unless_passed(report)
-    except PhiconvertError as error:
-        emit({"stage": "convert", "status": "note", "message": f"✗ {name} {precision}: {error}"})
-        return {**row, "status": "failed", "error": str(error)}
-    finally:
-        shutil.rmtree(temp / f"work-{name}-{precision}", ignore_errors=True)
-    artifact.rename(out / artifact.name)
-    return {**row, "status": "passed", "artifact": artifact.name}
 
 
 def _mib(n: float | None) -> float | None:

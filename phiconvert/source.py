@@ -20,6 +20,8 @@ from phiconvert.errors import PhiconvertError
 FIXTURES = Path(__file__).parent / "fixtures"
 BUNDLED_PREFIX = "bundled:"
 DEFAULT_MODEL = BUNDLED_PREFIX + "tiny-phi4mini"
+HELDOUT = FIXTURES / "heldout.txt"  # the text every artifact's logits are compared on
+CALIBRATION = FIXTURES / "calibration.txt"  # data-aware quantization's default samples
 SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM",)
 PLANNED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.py"]

@@ -3,7 +3,14 @@
 Each target's work (and the torch reference) runs in its own process, possibly under another environment's
 interpreter, so a native crash is an error of that target, memory goes back between targets, and conflicting
 toolchains never share an interpreter. The parent reads JSON-line events from our original stdout; everything the
-libraries print is sent to stderr, which the parent keeps as the run's log.
+libraries print is sent to stderr, which the parent keeps as the run's log. This module imports only numpy and
+phiconvert's small modules, so a worker in another environment needs nothing else of phiconvert's dependencies.
+
+Jobs (dicts, written by ``phiconvert.pipeline`` and ``phiconvert.bench``):
+- ``reference``: tokenise the held-out windows and write the source's float32 log-probabilities of each to disk;
+- ``target``: export, smoke-test, then compare the artifact's logits with those files, chunk by chunk;
+- ``source-chat``: the source's greedy chat reply, checking the artifacts' replies as drafts;
+- ``bench``: load time, memory and tokens/s of an artifact or the source.
 """
 
 from __future__ import annotations
@@ -18,8 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from phiconvert import progress
 from phiconvert.errors import PhiconvertError
 
 
@@ -42,70 +48,70 @@ Send = Callable[[dict[str, Any]], None]
 
 
 def timed_stage(send: Send, name: str, fn: Callable, *args: Any) -> Any:
-    """Run one stage, reporting its start, its duration and the peak RSS this process reached by its end."""
+    """Run one stage, reporting its start, its progress, its duration and the peak RSS this process reached."""
     send({"stage": name, "status": "start"})
+    progress.stage(name)
     start = time.perf_counter()
     result = fn(*args)
     send({"stage": name, "status": "done", "seconds": time.perf_counter() - start, "peak_rss": peak_rss()})
     return result
 
 
-def save_logits(path: Path, logits: list[np.ndarray]) -> None:
-    np.savez(path, *[np.asarray(x, dtype=np.float32) for x in logits])
-
-
-def load_logits(path: Path) -> list[np.ndarray]:
-    with np.load(path) as data:
-        return [data[f"arr_{i}"] for i in range(len(data.files))]
+def end_ids(folder: Path, tokenizer: Any) -> set[int]:
+    """Ids that end a chat reply: generation_config.json's eos ids (chat models list their end-of-turn token
+    there), else the tokenizer's eos."""
+    config = folder / "generation_config.json"
+    eos = json.loads(config.read_text()).get("eos_token_id") if config.exists() else None
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
 def run_reference(job: dict[str, Any], send: Send) -> dict[str, Any]:
-    """Tokenise the held-out text and compute the source's fp32 logits and greedy chat reply with transformers."""
+    """Tokenise the held-out windows and write the source's float32 log-probabilities of each (one file each)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
+
+    from phiconvert.reference import SourceModel, write_logprobs
 
     torch.manual_seed(0)
-    source = job["source"]
-
-    def load():
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        return tokenizer, model.eval()
-
-    tokenizer, model = timed_stage(send, "load source", load)
+    source = Path(job["source"])
+    tokenizer = AutoTokenizer.from_pretrained(source)
     ids = tokenizer(Path(job["text_file"]).read_text(), add_special_tokens=False)["input_ids"]
     sequences = [ids[start : start + length] for start, length in job["windows"]]
     if any(len(s) < length for s, (_, length) in zip(sequences, job["windows"], strict=True)):
-        raise PhiconvertError(f"held-out text too short for windows {job['windows']}: {len(ids)} tokens")
+        needed = max(start + length for start, length in job["windows"])
+        raise PhiconvertError(f"the held-out text has {len(ids)} tokens of this tokenizer; the windows need {needed}")
+    model = timed_stage(send, "load source", SourceModel, source)
+    for i, sequence in enumerate(sequences):
 
-    def forward():
-        with torch.no_grad():
-            return [model(torch.tensor([s])).logits[0].float().numpy() for s in sequences]
+        def window(i: int = i, sequence: list[int] = sequence) -> None:
+            out = Path(job["out"]) / f"source-{i}.npy"
+            write_logprobs(model, sequence, out, lambda done, total: progress.advance(done, total, "steps"))
 
-    save_logits(Path(job["logits_out"]), timed_stage(send, "source logits", forward))
+        timed_stage(send, f"source logits {len(sequence)}", window)
+    return {"sequences": sequences}
 
-    def chat():
-        prompt = tokenizer.apply_chat_template(job["messages"], add_generation_prompt=True, return_dict=True)
-        generation = (
-            GenerationConfig.from_pretrained(source) if Path(source, "generation_config.json").exists() else None
-        )
-        eos = generation.eos_token_id if generation is not None else tokenizer.eos_token_id
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([prompt["input_ids"]]),
-                max_new_tokens=job["max_new_tokens"],
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )
-        new = out[0, len(prompt["input_ids"]) :].tolist()
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
-        stopped = bool(new) and new[-1] in eos_ids
-        text = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True)
-        return {"text": text, "tokens": len(new), "stopped_at_eot": stopped}
 
-    smoke = timed_stage(send, "source chat", chat)
-    return {"sequences": sequences, "smoke": smoke}
+def run_source_chat(job: dict[str, Any], send: Send) -> dict[str, Any]:
+    """The source's greedy chat reply (exact, whatever the drafts): text, tokens, whether it ended the turn."""
+    from transformers import AutoTokenizer
+
+    from phiconvert.reference import SourceModel, greedy_reply
+
+    source = Path(job["source"])
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    prompt = tokenizer.apply_chat_template(job["messages"], add_generation_prompt=True, return_dict=True)
+    stop = end_ids(source, tokenizer)
+    model = timed_stage(send, "load source", SourceModel, source)
+
+    def chat() -> list[int]:
+        tick = lambda done, total: progress.advance(done, total, "tokens")  # noqa: E731
+        return greedy_reply(model, prompt["input_ids"], job["max_new_tokens"], stop, job["drafts"], tick)
+
+    new = timed_stage(send, "source chat", chat)
+    stopped = bool(new) and new[-1] in stop
+    text = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True)
+    return {"text": text, "tokens": len(new), "stopped_at_eot": stopped, "ids": new}
 
 
 def versions(packages: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -121,8 +127,31 @@ def versions(packages: tuple[str, ...] | list[str]) -> dict[str, str]:
     return found
 
 
+def compare_artifact(target: Any, output: Path, job: dict[str, Any]) -> None:
+    """The artifact's logits of every window against the source's log-probabilities on disk, a chunk of positions
+    at a time; writes each window's per-position numbers (``positions-I.npz``, ``positions-VARIANT-I.npz`` for a
+    stock-runtime variant) for the parent to summarise."""
+    from phiconvert.verify import Positions, compare_file
+
+    sequences = job["sequences"]
+    total = sum(len(s) for s in sequences)
+    numbers: dict[str, list[Positions]] = {}
+    done = 0
+    progress.advance(0, total, "tokens")
+    for index, start, chunk in target.logits(output, sequences):
+        window = index if isinstance(index, int) else index[1]
+        key = str(index) if isinstance(index, int) else f"{index[0]}-{window}"
+        source_file = Path(job["source_logprobs"][window])
+        numbers.setdefault(key, []).append(compare_file(source_file, start, chunk, sequences[window]))
+        if isinstance(index, int):
+            done += len(chunk)
+            progress.advance(done, total, "tokens")
+    for key, parts in numbers.items():
+        Positions.join(parts).save(Path(job["positions_out"]) / f"positions-{key}.npz")
+
+
 def run_target(job: dict[str, Any], send: Send) -> dict[str, Any]:
-    """Export, smoke-test and (unless told not to) compute the artifact's logits, in the target's runtime."""
+    """Export, smoke-test and (unless told not to) compare the artifact's logits, in the target's runtime."""
     from dataclasses import asdict
 
     from phiconvert.targets import ExportJob, load
@@ -136,13 +165,13 @@ def run_target(job: dict[str, Any], send: Send) -> dict[str, Any]:
         options=job["options"],
         calibration=job["calibration"],
         work=work,
+        calibration_given=job["calibration_given"],
     )
     details = timed_stage(send, "export", target.export, export_job)
     smoke = timed_stage(send, "smoke test", target.smoke, output, job["messages"], job["max_new_tokens"])
     result: dict[str, Any] = {"details": details, "smoke": asdict(smoke), "versions": versions(target.packages)}
     if job.get("sequences"):
-        logits = timed_stage(send, "artifact logits", target.logits, output, job["sequences"])
-        save_logits(Path(job["logits_out"]), logits)
+        timed_stage(send, "artifact logits", compare_artifact, target, output, job)
     return result
 
 
@@ -195,6 +224,9 @@ def run_bench(job: dict[str, Any], send: Send) -> dict[str, Any]:
             "new_tokens": new_tokens, "repeats": job["repeats"], "load_average": busy, "prompts": rows}  # fmt: skip
 
 
+JOBS = {"reference": run_reference, "source-chat": run_source_chat, "target": run_target, "bench": run_bench}
+
+
 def main() -> None:
     stream = os.fdopen(os.dup(1), "w")
 
@@ -204,10 +236,10 @@ def main() -> None:
 
     os.dup2(2, 1)  # library chatter, native included, goes to the log, not into our event stream
     sys.stdout = sys.stderr
+    progress.attach(send)
     job = json.loads(Path(sys.argv[1]).read_text())
     try:
-        run = {"reference": run_reference, "target": run_target, "bench": run_bench}[job["kind"]]
-        send({"result": run(job, send), "peak_rss": peak_rss()})
+        send({"result": JOBS[job["kind"]](job, send), "peak_rss": peak_rss()})
     except PhiconvertError as error:
         send({"error": str(error)})
         sys.exit(1)

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from phiconvert import pipeline, source
+from phiconvert import source, verify
 from phiconvert.source import FIXTURES
-from phiconvert.worker import load_logits, run_reference
+from phiconvert.worker import run_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_NAMES = ("tiny-phi3", "tiny-phi4mini")
@@ -63,22 +64,17 @@ def stage(tmp_path: Path, name: str, layout: str = "hub", edit=None) -> Path:
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-    """name -> (sequences, source fp32 logits), computed once per session by the pipeline's own reference code."""
+    """name -> (sequences, source fp32 log-probabilities), computed once per session by the pipeline's own
+    reference code (the streamed float32 model), on the windows every fixture is verified on."""
     cache: dict[str, tuple[list[list[int]], list]] = {}
 
     def get(name: str):
         if name not in cache:
             tmp = tmp_path_factory.mktemp(f"reference-{name}")
-            job = {
-                "source": str(stage(tmp, name)),
-                "text_file": str(pipeline.HELDOUT),
-                "windows": pipeline.WINDOWS,
-                "logits_out": str(tmp / "source.npz"),
-                "messages": pipeline.MESSAGES,
-                "max_new_tokens": pipeline.MAX_NEW_TOKENS,
-            }
+            job = {"source": str(stage(tmp, name)), "text_file": str(source.HELDOUT), "windows": verify.WINDOWS,
+                   "out": str(tmp)}  # fmt: skip
             result = run_reference(job, lambda event: None)
-            cache[name] = (result["sequences"], load_logits(tmp / "source.npz"))
+            cache[name] = (result["sequences"], [np.load(tmp / f"source-{i}.npy") for i in range(len(verify.WINDOWS))])
         return cache[name]
 
     return get
@@ -93,6 +89,16 @@ def target_all(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     (folder / "stderr.txt").write_text(result.stderr)  # what the user saw: stage lines, the table, notes
     return folder / "report", json.loads(result.stdout)
+
+
+def whole(logits) -> list[np.ndarray]:
+    """A target's logits() as one array per window (chunks joined, the stock-runtime variants left out)."""
+    windows: dict[int, list[np.ndarray]] = {}
+    for index, start, chunk in logits:
+        if isinstance(index, int):
+            assert start == sum(len(c) for c in windows.get(index, [])), "chunks out of order"
+            windows.setdefault(index, []).append(chunk)
+    return [np.concatenate(windows[i]) for i in sorted(windows)]
 
 
 def converted_by_all(target_all, target: str, precision: str) -> dict:

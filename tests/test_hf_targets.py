@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import converted_by_all
+from conftest import converted_by_all, whole
 
 import phiconvert
-from phiconvert import envs, pipeline, source, targets
+from phiconvert import envs, pipeline, source, targets, verify
+from phiconvert import gptq as algorithm
 from phiconvert.errors import PhiconvertError
 from phiconvert.targets import bnb, gptq, hf_common
 from phiconvert.verify import compare
@@ -53,8 +54,8 @@ def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch
 def test_gptq_checkpoint_layout_dequantizes_to_the_quantized_weight(bits, sym, desc_act):
     weight, hessian = correlated_layer()
     chosen = gptq.Settings(bits=bits, group_size=64, sym=sym, desc_act=desc_act)
-    q, ints, scales, zeros, g_idx = gptq.quantize_weight(weight, hessian, chosen)
-    packed = gptq.pack(ints, scales, zeros, g_idx, chosen)
+    q, ints, scales, zeros, g_idx = algorithm.quantize_weight(weight, hessian, chosen)
+    packed = algorithm.pack(ints, scales, zeros, g_idx, chosen)
 
     assert packed.qweight.dtype == packed.qzeros.dtype == packed.g_idx.dtype == torch.int32
     assert packed.qweight.shape == (256 * bits // 32, 96) and packed.qzeros.shape == (4, 96 * bits // 32)
@@ -72,8 +73,8 @@ def test_gptq_checkpoint_layout_dequantizes_to_the_quantized_weight(bits, sym, d
 def test_gptq_error_feedback_beats_round_to_nearest_on_a_layer(desc_act):
     weight, hessian = correlated_layer()
     chosen = gptq.Settings(bits=4, group_size=64, sym=True, desc_act=desc_act)
-    rtn = gptq.quantize_weight(weight, hessian, chosen, rtn=True)[0]
-    ours = gptq.quantize_weight(weight, hessian, chosen)[0]
+    rtn = algorithm.quantize_weight(weight, hessian, chosen, rtn=True)[0]
+    ours = algorithm.quantize_weight(weight, hessian, chosen)[0]
     assert output_error(weight, ours, hessian) < 0.7 * output_error(weight, rtn, hessian)
 
 
@@ -153,10 +154,10 @@ def test_gptq_beats_round_to_nearest_on_the_fixture(fixture):
     torch.manual_seed(0)
     path = source.bundled(fixture)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenizer(pipeline.HELDOUT.read_text(), add_special_tokens=False)["input_ids"]
-    sequences = [ids[start : start + length] for start, length in pipeline.WINDOWS]
+    ids = tokenizer(source.HELDOUT.read_text(), add_special_tokens=False)["input_ids"]
+    sequences = [ids[start : start + length] for start, length in verify.WINDOWS]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    reference = hf_common.logits_with(model, sequences)
+    reference = whole(hf_common.logits_with(model, sequences))
     chunks = hf_common.calibration_chunks(
         tokenizer, pipeline.calibration_samples(None), gptq.SEQUENCE_LENGTH, gptq.MAX_SAMPLES
     )
@@ -164,8 +165,8 @@ def test_gptq_beats_round_to_nearest_on_the_fixture(fixture):
     results = {}
     for method in ("rtn", "gptq"):
         quantized = copy.deepcopy(model)  # quantize_model leaves the dequantized weights in the model
-        gptq.quantize_model(quantized, chunks, chosen, "cpu", rtn=method == "rtn")
-        results[method] = compare(reference, hf_common.logits_with(quantized, sequences), sequences)
+        gptq.quantize_model(quantized, chunks, lambda name: chosen, "cpu", rtn=method == "rtn")
+        results[method] = compare(reference, whole(hf_common.logits_with(quantized, sequences)), sequences)
     rtn, ours = results["rtn"], results["gptq"]
     print(f"\n{fixture} int4 g128 sym: RTN top-1 {rtn.top1:.4f} KL {rtn.kl:.5f} ppl {rtn.ppl_pct:+.3f}% | "
           f"GPTQ top-1 {ours.top1:.4f} KL {ours.kl:.5f} ppl {ours.ppl_pct:+.3f}%")  # fmt: skip

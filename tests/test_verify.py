@@ -8,8 +8,8 @@ import torch
 from conftest import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from phiconvert.pipeline import HELDOUT, WINDOWS
-from phiconvert.verify import BOUNDS, bound_for, compare
+from phiconvert.source import HELDOUT
+from phiconvert.verify import BOUNDS, WINDOWS, bound_for, compare
 
 
 def windows(folder) -> list[list[int]]:
@@ -28,7 +28,8 @@ def logits(folder, sequences, mutate=None) -> list[np.ndarray]:
 def test_identical_logits_pass_every_bound():
     x = [np.random.default_rng(0).normal(size=(5, 11)).astype(np.float32)]
     fid = compare(x, x, [[1, 2, 3, 4, 5]])
-    assert fid.top1 == 1.0 and fid.kl == 0.0 and fid.ppl_delta == 0.0
+    # the source's log-probabilities are kept in float32 (as on disk): identical logits differ by its rounding only
+    assert fid.top1 == 1.0 and fid.kl < 1e-7 and abs(fid.ppl_delta) < 1e-6
     assert all(not fid.failures(b) for b in BOUNDS.values())
 
 

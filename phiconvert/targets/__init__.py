@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class ExportJob:
     options: dict[str, Any]  # only the options the target declared, with None for "target default"
     calibration: list[str]  # calibration samples (never empty; the built-in text when the user gave none)
     work: Path  # scratch folder for intermediates (removed after the run)
+    calibration_given: bool = False  # the user chose the calibration text (--calibration)
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,24 @@ class Smoke:
     text: str  # the new text only, decoded, without the end-of-turn token
     tokens: int  # number of new tokens generated (end-of-turn token included if it was produced)
     stopped_at_eot: bool  # True when generation ended on an end-of-turn / eos token
+    ids: list[int]  # the new token ids (a draft the source's greedy reply is checked against in one pass)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """A target worker's peak RSS, as ``a`` x the source's bf16 bytes + ``b`` GiB per stage, measured at real size
+    (bench/realsize.py, Phi-4-mini's shape) for the pre-flight check: a machine too small is told before the work."""
+
+    export: tuple[float, float]
+    runtime: tuple[float, float]  # the artifact loaded in its runtime (smoke test, logits), logits excluded
+    # copies of a whole window's float32 logits the runtime holds at once (0: its logits come in chunks)
+    window_logits: int = 1
 
 
 Generate = Callable[[list[int], int], int]
+# (window index, first position, logits of the following positions (n, vocab) float32): a window's logits in one
+# piece or in chunks, in window order
+Logits = Iterator[tuple[int, int, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -69,8 +85,9 @@ class Target:
     export: Callable[[ExportJob], dict[str, Any]]
     # smoke(artifact, messages, max_new_tokens) -> Smoke; must apply the artifact's chat template itself
     smoke: Callable[[Path, list[dict[str, str]], int], Smoke]
-    # logits(artifact, sequences) -> one float32 array (len(ids), vocab) per sequence of token ids
-    logits: Callable[[Path, list[list[int]]], list[np.ndarray]]
+    # logits(artifact, sequences) -> the logits of every position of each sequence of token ids, each sequence
+    # from a fresh state and in one forward pass (as the source computes it; longrope picks its factors by length)
+    logits: Callable[[Path, list[list[int]]], Logits]
     # runner(artifact) -> generate: load the artifact in its own runtime with its deployment defaults (not the exact
     # f32 mode of logits(); this load is what `phiconvert bench` times and measures), returning
     # generate(ids, new_tokens) -> tokens generated: greedy from exactly ``ids`` (no BOS, no template), exactly
@@ -82,6 +99,12 @@ class Target:
     notes: dict[str, str] = field(default_factory=dict)
     # check(precision, options): refuse a combination the target cannot do, before any work starts
     check: Callable[[str, dict[str, Any]], None] | None = None
+    # peak memory per stage, for the pre-flight check
+    memory: Memory = Memory(export=(1.0, 1.0), runtime=(1.0, 1.0))
+    # variant name -> what it is: logits() may also yield ((variant, window), start, logits) for a way the stock
+    # runtime computes differently from what verification applies; each is measured against the source and
+    # reported as a caveat with its numbers
+    variants: dict[str, str] = field(default_factory=dict)
     # name of a phiconvert-managed environment (`phiconvert setup NAME`) whose interpreter runs the worker
     # when this environment lacks the toolchain (its pins conflict with the main environment's)
     environment: str | None = None

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from phiconvert import progress
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import END_OF_TURN, ExportJob, Generate, Smoke, Target
+from phiconvert.targets import ExportJob, Generate, Logits, Smoke, Target
 
 # precision -> llama.cpp file type (llama_ftype) for llama_model_quantize; f16/bf16 are written directly
 QUANTIZED = {
@@ -30,19 +31,31 @@ QUANTIZED = {
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
 }
 K_QUANTS = ("q6_k", "q5_k_m", "q4_k_m")
+# bits per weight llama.cpp's types take on a Phi model, to follow the quantizer's output file as it grows
+NOMINAL_BITS = {"q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_0": 4.5}
 CONTEXT_PAD = 256  # llama.cpp rounds every context size up to a multiple of this
+LOGITS_BATCH = 512  # positions decoded (and their logits returned) at a time
 
 
 def export(job: ExportJob) -> dict[str, Any]:
-    """Write the GGUF (quantizing an intermediate F16 file in job.work) and report its real tensor types."""
+    """Write the GGUF (quantizing an intermediate file in job.work) and report its real tensor types.
+
+    The intermediate keeps a bf16 checkpoint's weights in BF16: a copy of their bytes, exact, where llama.cpp's
+    own route (convert_hf_to_gguf.py's default F16, then llama-quantize) converts every weight first."""
+    from phiconvert import weights
     from phiconvert.gguf_writer import write_gguf
 
     path = job.output / f"model-{job.precision.upper()}.gguf"
     if job.precision in QUANTIZED:
-        intermediate = job.work / "model-F16.gguf"
-        details = write_gguf(job.source, intermediate, "f16")
-        _quantize(intermediate, path, job.precision)
+        tensors = weights.index(job.source).values()
+        dtype = "bf16" if all(t.dtype == "BF16" for t in tensors) else "f16"
+        intermediate = job.work / f"model-{dtype.upper()}.gguf"
+        details = write_gguf(job.source, intermediate, dtype)
+        expected = int(sum(t.size for t in tensors) * NOMINAL_BITS[job.precision] / 8)
+        with progress.watch_file(path, expected, "llama.cpp quantize"):
+            _quantize(intermediate, path, job.precision)
         intermediate.unlink()
+        details["intermediate"] = intermediate.name
     else:
         details = write_gguf(job.source, path, job.precision)
     return {"file": path.name, **details, **tensor_report(path, job.precision)}  # file_type: the final file's
@@ -97,7 +110,7 @@ def _gguf_file(artifact: Path) -> Path:
     return files[0]
 
 
-def _open(path: Path, n_tokens: int, logits_all: bool = False) -> Any:
+def _open(path: Path, n_tokens: int, batch: int | None = None) -> Any:
     """A llama.cpp context for ``n_tokens`` tokens that applies the rope factors transformers would.
 
     transformers uses longrope's long factors iff the sequence is longer than the original context; llama.cpp iff
@@ -121,11 +134,10 @@ def _open(path: Path, n_tokens: int, logits_all: bool = False) -> Any:
     return Llama(
         model_path=str(path),
         n_ctx=n_ctx,
-        n_batch=n_ctx,
-        n_ubatch=n_ctx,
+        n_batch=batch or n_ctx,
+        n_ubatch=batch or n_ctx,
         n_threads=threads,
         n_threads_batch=threads,
-        logits_all=logits_all,
         type_k=GGML_TYPE_F32,
         type_v=GGML_TYPE_F32,
         flash_attn=False,
@@ -136,21 +148,24 @@ def _open(path: Path, n_tokens: int, logits_all: bool = False) -> Any:
 
 
 def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
-    """Greedy chat completion through the GGUF's own chat template; llama.cpp stops at its end-of-generation ids."""
-    from llama_cpp import Llama
+    """Greedy reply to the prompt the GGUF's own chat template renders (as create_chat_completion renders and
+    tokenises it), stopped where llama.cpp ends generation (its end-of-generation ids)."""
+    import llama_cpp
 
     path = _gguf_file(artifact)
-    probe = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    probe = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     template = probe.metadata.get("tokenizer.chat_template", "")
-    prompt_tokens = len(probe.tokenize(_render(template, messages, probe).encode(), add_bos=False, special=True))
-    llm = _open(path, prompt_tokens + max_new_tokens)
-    out = llm.create_chat_completion(
-        messages=messages, max_tokens=max_new_tokens, temperature=0.0, top_k=1, seed=0, stop=[END_OF_TURN]
-    )
-    choice = out["choices"][0]
-    stopped = choice["finish_reason"] == "stop"
-    tokens = out["usage"]["completion_tokens"] + (1 if stopped else 0)
-    return Smoke(text=choice["message"]["content"] or "", tokens=tokens, stopped_at_eot=stopped)
+    prompt = probe.tokenize(_render(template, messages, probe).encode(), add_bos=True, special=True)
+    llm = _open(path, len(prompt) + max_new_tokens)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    new: list[int] = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0):
+        new.append(int(token))
+        if llama_cpp.llama_vocab_is_eog(vocab, token) or len(new) == max_new_tokens:
+            break
+    stopped = bool(new) and llama_cpp.llama_vocab_is_eog(vocab, new[-1])
+    text = llm.detokenize(new[:-1] if stopped else new, prev_tokens=prompt).decode("utf-8", errors="ignore")
+    return Smoke(text=text, tokens=len(new), stopped_at_eot=stopped, ids=new)
 
 
 def _render(template: str, messages: list[dict[str, str]], llm: Any) -> str:
@@ -162,16 +177,31 @@ def _render(template: str, messages: list[dict[str, str]], llm: Any) -> str:
     return Jinja2ChatFormatter(template=template, bos_token=bos, eos_token=eos)(messages=messages).prompt
 
 
-def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
-    """Prefill logits of each sequence in one batch (f32 KV cache, no BOS added), one context per sequence."""
+def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
+    """Logits of each sequence (f32 KV cache, no BOS added), one context per sequence sized to it, so llama.cpp
+    picks the rope factors transformers picks for the whole sequence; decoded a batch of positions at a time
+    through llama.cpp's own batch API, so neither its output buffer nor ours ever holds a whole long window."""
+    import llama_cpp
+
     path = _gguf_file(artifact)
-    results = []
-    for ids in sequences:
-        llm = _open(path, len(ids), logits_all=True)
-        llm.eval(ids)
-        results.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-        llm.close()
-    return results
+    for index, ids in enumerate(sequences):
+        llm = _open(path, len(ids), batch=LOGITS_BATCH)
+        vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
+        batch = llama_cpp.llama_batch_init(LOGITS_BATCH, 0, 1)
+        try:
+            for start in range(0, len(ids), LOGITS_BATCH):
+                chunk = ids[start : start + LOGITS_BATCH]
+                for i, token in enumerate(chunk):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
+                    batch.seq_id[i][0], batch.logits[i] = 0, True
+                batch.n_tokens = len(chunk)
+                if llama_cpp.llama_decode(llm.ctx, batch) != 0:
+                    raise PhiconvertError(f"llama.cpp failed to evaluate positions {start}.. of {len(ids)}")
+                out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(len(chunk), vocab))
+                yield index, start, out.copy()
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            llm.close()
 
 
 def runner(artifact: Path) -> Generate:

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import END_OF_TURN, Generate, Smoke
+from phiconvert.targets import END_OF_TURN, Generate, Logits, Smoke
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+LOGITS_CHUNK = 512  # positions whose logits are computed at a time
 # files of a checkpoint folder that describe the weights; everything else (tokenizer, chat template, generation
 # config) is copied into the artifact as it is
 WEIGHT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
@@ -129,7 +130,7 @@ def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -
     return smoke_with(load(artifact), artifact, messages, max_new_tokens)
 
 
-def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
+def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
     return logits_with(load(artifact), sequences)
 
 
@@ -162,19 +163,21 @@ def smoke_with(model: Any, artifact: Path, messages: list[dict[str, str]], max_n
     new, eos = generate_ids(model, tokenizer, artifact, messages, max_new_tokens)
     stopped = bool(new) and new[-1] in eos
     text = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True)
-    return Smoke(text=text, tokens=len(new), stopped_at_eot=stopped)
+    return Smoke(text=text, tokens=len(new), stopped_at_eot=stopped, ids=new)
 
 
-def logits_with(model: Any, sequences: list[list[int]]) -> list[np.ndarray]:
-    """One prefill per sequence, exactly the given ids (no BOS), as float32 (len, vocab) arrays."""
+def logits_with(model: Any, sequences: list[list[int]]) -> Logits:
+    """One prefill per sequence, exactly the given ids (no BOS); the LM head is applied a chunk of positions at a
+    time, so a long window's logits are never whole in memory."""
     import torch
 
-    out = []
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     with torch.no_grad():
-        for ids in sequences:
+        for index, ids in enumerate(sequences):
             tensor = torch.tensor([ids], device=model.device)
-            out.append(model(tensor, attention_mask=torch.ones_like(tensor)).logits[0].float().cpu().numpy())
-    return out
+            hidden = decoder(input_ids=tensor, attention_mask=torch.ones_like(tensor)).last_hidden_state[0]
+            for start in range(0, len(ids), LOGITS_CHUNK):
+                yield index, start, head(hidden[start : start + LOGITS_CHUNK]).float().cpu().numpy()
 
 
 def bits_per_weight(artifact: Path, source: Path, prefixes: list[str]) -> float:

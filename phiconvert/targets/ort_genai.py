@@ -1,9 +1,15 @@
 """ONNX Runtime GenAI: the model builder writes model.onnx + genai_config.json; onnxruntime-genai runs them.
 
 The builder runs in-process (`parse_extra_options` + `create_model`, what its CLI does, without a second Python
-start). Its int4/int8 weight-only quantizers (RTN, k-quant) are data-free: the calibration text is not used. Two
-builder traps are refused before it runs: it takes any Linear layer with vocab_size outputs for the LM head, and
-ONNX Runtime's CPU attention kernel needs half the rotary dimension to be a multiple of 8.
+start). Given a float checkpoint, it builds the whole graph in float32 and then quantizes it (its RTN and k-quant):
+three times the bf16 weights in memory, which killed a Phi-4-mini conversion at 23 GiB. So int4 and int8 go the
+builder's other way: phiconvert quantizes the decoder layers itself, one layer in memory at a time (GPTQ on the
+calibration text for int4, with llama.cpp's and the builder's mixed int8 layers; round-to-nearest for int8), writes
+a GPTQ checkpoint, and the builder packs that into MatMulNBits directly, quantizing only the LM head itself. The
+builder's own quantizers stay available (``--int4-algo rtn|k_quant|k_quant_mixed``) for models that fit.
+
+Two builder traps are refused before it runs: it takes any Linear layer with vocab_size outputs for the LM head,
+and ONNX Runtime's CPU attention kernel needs half the rotary dimension to be a multiple of 8.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from phiconvert import progress
 from phiconvert.errors import PhiconvertError
 from phiconvert.source import parameter_count
-from phiconvert.targets import END_OF_TURN, ExportJob, Generate, Smoke, Target
+from phiconvert.targets import END_OF_TURN, ExportJob, Generate, Logits, Smoke, Target
 
 # Precisions the builder makes per execution provider. There is no CPU fp16: the builder's CPU fp16 graph
 # (MultiHeadAttention with repeat_kv, GroupQueryAttention being fp32-only there) fails at the first decode step.
@@ -29,18 +36,21 @@ PROVIDER_PRECISIONS = {
 PROVIDER_PACKAGES = {"cuda": "onnxruntime-genai-cuda", "dml": "onnxruntime-genai-directml"}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-INT4_ALGOS = ("rtn", "k_quant", "k_quant_mixed")
+# phiconvert's GPTQ (fed to the builder as a GPTQ checkpoint: memory-bounded), or the builder's own quantizers
+INT4_ALGOS = ("gptq_mixed", "gptq", "rtn", "k_quant", "k_quant_mixed")
+PREQUANTIZED = ("gptq_mixed", "gptq")
 
-# Defaults measured best on the bundled trained fixtures (docs/tutorials/onnx-runtime-genai.md): the 8-bit LM head
-# (and with it Phi-4-mini's tied embeddings) matters most, then k-quant's mixed int4/int8 layers, then blocks of 32.
+# Defaults measured on the bundled trained fixtures (docs/tutorials/onnx-runtime-genai.md): the 8-bit LM head (and
+# with it Phi-4-mini's tied embeddings) matters most, then the mixed int4/int8 layers, then blocks of 32.
 DEFAULTS = {
     "ep": "cpu",
     "group_size": 32,
     "sym": False,
     "accuracy_level": None,  # the builder's: 4 on CPU (int8 activations, its fast path; 1, fp32, measured no better)
-    "int4_algo": "k_quant_mixed",
+    "int4_algo": "gptq_mixed",
     "int8_lm_head": True,
 }
+SEQUENCE_LENGTH, MAX_SAMPLES = 512, 128  # GPTQ calibration chunks
 QUANTIZATION_OPTIONS = ("group_size", "sym", "accuracy_level")
 INT4_OPTIONS = ("int4_algo", "int8_lm_head")
 
@@ -74,7 +84,7 @@ def settings_for(precision: str, options: dict[str, Any]) -> dict[str, Any]:
             f"ort-genai {precision} is not built for --ep {settings['ep']} "
             f"(it builds {', '.join(PROVIDER_PRECISIONS[settings['ep']])}){gpu}"
         )
-    if precision == "int4" and settings["int4_algo"] != "rtn" and settings["sym"]:
+    if precision == "int4" and settings["int4_algo"].startswith("k_quant") and settings["sym"]:
         raise PhiconvertError("k-quant is asymmetric (a zero point per block); for symmetric int4 add --int4-algo rtn")
     return settings
 
@@ -89,7 +99,9 @@ def builder_options(settings: dict[str, Any]) -> list[str]:
         f"accuracy_level={settings['accuracy_level']}",
     ]
     if "int4_algo" in settings:
-        options.append(f"algo_config={settings['int4_algo'].removesuffix('_mixed')}")
+        # with a prequantized checkpoint the builder quantizes only the LM head itself: with k-quant
+        algo = "k_quant" if settings["int4_algo"] in PREQUANTIZED else settings["int4_algo"].removesuffix("_mixed")
+        options.append(f"algo_config={algo}")
         mixed = ["mixed_layers:int8"] if settings["int4_algo"] == "k_quant_mixed" else []
         mixed += ["last_matmul:int8"] if settings["int8_lm_head"] else []
         if mixed:
@@ -142,10 +154,18 @@ def export(job: ExportJob) -> dict[str, Any]:
 
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-    source, output, cache = str(job.source), str(job.output), str(job.work / "builder-cache")
+    prequantized = None
+    if job.precision == "int8" or settings.get("int4_algo") in PREQUANTIZED:
+        prequantized = prequantize(job, settings, config)
+    source = str(prequantized["folder"] if prequantized else job.source)
+    output, cache = str(job.output), str(job.work / "builder-cache")
     options = builder_options(settings)
     extra = parse_extra_options(None, source, output, job.precision, ep, cache, options)
-    create_model(None, source, output, job.precision, ep, cache, **extra)
+    undo = progress.redirect_prints(r"Reading layer (\d+)", config["num_hidden_layers"], "layers", "builder")
+    try:
+        create_model(None, source, output, job.precision, ep, cache, **extra)
+    finally:
+        undo()
     # CPU only: the GPU providers' 8-bit GatherBlockQuantized is not proven here
     tied = (
         job.precision == "int8" and ep == "cpu" and config.get("tie_word_embeddings") and tie_int8_embedding(job.output)
@@ -154,9 +174,57 @@ def export(job: ExportJob) -> dict[str, Any]:
         "settings": settings,
         "builder_options": options,
         "embedding": "read from the int8 LM head (tied, as the source; phiconvert re-ties it)" if tied else None,
-        "calibration": "not used: the builder's int4/int8 quantizers are data-free" if options else None,
+        "prequantized": {k: v for k, v in prequantized.items() if k != "folder"} if prequantized else None,
+        "calibration": (prequantized or {}).get("calibration") or ("not used" if options else None),
         "eos_token_id": ensure_end_of_turn(job.output),
         **weight_report(job.output, job.source),
+    }
+
+
+def mixed_layers(count: int) -> list[int]:
+    """The decoder layers whose attention and down projections get 8 bits in a mixed int4 model: llama.cpp's
+    rule for its _M quants, which the builder's k_quant_mixed applies too."""
+    return [i for i in range(count) if i < count / 8 or i >= 7 * count / 8 or (i - round(count / 8)) % 3 == 2]
+
+
+def prequantize(job: ExportJob, settings: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The source's decoder layers quantized by phiconvert, one layer in memory at a time, as a GPTQ checkpoint in
+    job.work for the builder: int4 by GPTQ on the calibration text (``gptq_mixed``: the mixed layers' attention
+    and down projections at 8 bits), int8 by round-to-nearest. Same blocks and zero points as the builder's."""
+    from transformers import AutoTokenizer
+
+    from phiconvert import gptq
+    from phiconvert.reference import SourceModel
+    from phiconvert.targets import hf_common
+
+    bits = 4 if job.precision == "int4" else 8
+    chosen = gptq.Settings(bits=bits, group_size=settings["group_size"], sym=settings["sym"], desc_act=False)
+    eight = gptq.Settings(bits=8, group_size=settings["group_size"], sym=settings["sym"], desc_act=False)
+    promoted = set(mixed_layers(config["num_hidden_layers"])) if settings.get("int4_algo") == "gptq_mixed" else set()
+    sensitive = ("qkv_proj", "v_proj", "down_proj")
+
+    def settings_of(name: str) -> gptq.Settings:
+        layer = int(name.split(".")[2])
+        return eight if layer in promoted and name.endswith(sensitive) else chosen
+
+    rtn = bits == 8
+    chunks: list[list[int]] = []
+    if not rtn:
+        tokenizer = AutoTokenizer.from_pretrained(job.source)
+        chunks = hf_common.calibration_chunks(tokenizer, job.calibration, SEQUENCE_LENGTH, MAX_SAMPLES)
+    source = SourceModel(job.source)
+    packed, error = gptq.quantize_model(source.model, chunks, settings_of, "cpu", rtn=rtn, source=source)
+    folder = job.work / "prequantized"
+    folder.mkdir()
+    overrides = {name: settings_of(name) for name in packed if settings_of(name) != chosen}
+    gptq.save(job.source, folder, packed, chosen, overrides)
+    hf_common.copy_support_files(job.source, folder)
+    return {
+        "folder": folder,
+        "method": "round-to-nearest" if rtn else "GPTQ",
+        "layers_at_8_bits": sorted(overrides) if bits == 4 else "all",
+        "relative_output_error": error,
+        "calibration": None if rtn else {"chunks": len(chunks), "tokens_per_chunk": len(chunks[0])},
     }
 
 
@@ -299,22 +367,21 @@ def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -
         generator.generate_next_token()
         new.append(int(generator.get_next_tokens()[0]))
         text += stream.decode(new[-1]) if new[-1] not in stop else ""
-    return Smoke(text=text, tokens=len(new), stopped_at_eot=bool(new) and new[-1] in stop)
+    return Smoke(text=text, tokens=len(new), stopped_at_eot=bool(new) and new[-1] in stop, ids=new)
 
 
-def logits(artifact: Path, sequences: list[list[int]]) -> list[np.ndarray]:
+def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
     """Prefill logits of each sequence, fed as given (appended ids get no BOS), in the artifact's own precision."""
     import onnxruntime_genai as og
 
     model = og.Model(str(artifact))
-    out = []
-    for ids in sequences:
+    for index, ids in enumerate(sequences):
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids))
         generator = og.Generator(model, params)
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
-        out.append(np.asarray(generator.get_output("logits"), dtype=np.float32)[0])
-    return out
+        yield index, 0, np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
+        del generator
 
 
 def runner(artifact: Path) -> Generate:

@@ -1,0 +1,151 @@
+"""Before any work: will this machine hold every stage of the run? Refuse in one line if not.
+
+Each stage's peak memory is estimated from the source's size (its weights in bf16 bytes, whatever their stored
+dtype) with the coefficients each target declares (``targets.Memory``, measured at real size by
+bench/realsize.py), plus the verification windows' logits; disk from the artifact's nominal size, the
+intermediates and the reference's log-probability files. Being killed by the out-of-memory killer after twenty
+minutes is the failure this replaces.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phiconvert import source, targets
+from phiconvert.errors import PhiconvertError
+
+GiB = 2**30
+# the streamed reference: the process, one decoder layer in float32 twice over (buffers and activations), and a
+# chunk of 512 positions' logits in float32 three times over (logits, log-softmax, the slice being upcast)
+REFERENCE_BASE = 0.9 * GiB
+# a CPU evaluates about this many weight-tokens per second in float32 (2 cores, measured on Phi-4-mini's shape:
+# 3.84 B weights x 4352 tokens in 307 s): used to say how long verification takes, not to refuse anything
+WEIGHT_TOKENS_PER_SECOND = 5.4e10
+# nominal bits per weight by precision class, for the artifact's size on disk
+NOMINAL_BITS = {"int4": 4.5, "int8": 8.5, "fp16": 16, "bf16": 16, "fp32": 32, "mixed_3_4": 4}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimates need to know of the source, read from its config and safetensors headers."""
+
+    parameters: int
+    vocab: int
+    hidden: int
+    layer_weights: int  # the largest decoder layer's weights
+
+    @property
+    def bf16_bytes(self) -> int:
+        return 2 * self.parameters
+
+
+def shape_of(src: source.Source) -> Shape:
+    from phiconvert import weights
+
+    config = source.normalise_config(src.config)
+    config = config.get("text_config") or config
+    tensors = weights.index(src.path)
+    layers: dict[str, int] = {}
+    for name, tensor in tensors.items():
+        parts = name.split(".")
+        if "layers" in parts:
+            key = ".".join(parts[: parts.index("layers") + 2])
+            layers[key] = layers.get(key, 0) + tensor.size
+    return Shape(
+        parameters=sum(t.size for t in tensors.values()),
+        vocab=config["vocab_size"],
+        hidden=config["hidden_size"],
+        layer_weights=max(layers.values(), default=0),
+    )
+
+
+def reference_bytes(shape: Shape) -> int:
+    return int(REFERENCE_BASE + 2 * 4 * shape.layer_weights + 3 * 512 * shape.vocab * 4)
+
+
+def stage_bytes(adapter: targets.Target, shape: Shape, longest_window: int) -> dict[str, int]:
+    """Peak bytes of the export and of the artifact's runtime (with its verification logits)."""
+    memory = adapter.memory
+
+    def linear(coefficients: tuple[float, float]) -> int:
+        return int(coefficients[0] * shape.bf16_bytes + coefficients[1] * GiB)
+
+    logits = memory.window_logits * longest_window * shape.vocab * 4
+    return {"export": linear(memory.export), "verification": linear(memory.runtime) + logits}
+
+
+def disk_bytes(precision: str, shape: Shape, windows: list[tuple[int, int]]) -> int:
+    """The artifact at its nominal size, an intermediate copy of the weights, the reference's log-probabilities."""
+    from phiconvert.verify import ALIASES
+
+    bits = NOMINAL_BITS.get(ALIASES.get(precision, precision), 16)
+    logits = sum(length for _, length in windows) * shape.vocab * 4
+    return int(shape.parameters * bits / 8 + shape.bf16_bytes + logits)
+
+
+def available_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def refusal(adapter: targets.Target, precision: str, shape: Shape, windows: list[tuple[int, int]],
+            memory: int, disk: int) -> str | None:  # fmt: skip
+    """Why this machine cannot run this pair (None when it can)."""
+    longest = max((length for _, length in windows), default=0)
+    for stage, need in stage_bytes(adapter, shape, longest).items():
+        if stage == "verification" and not windows:
+            continue
+        if need > memory:
+            hint = "; try --verify quick" if stage == "verification" and longest > 1024 else ""
+            return (f"{adapter.name} {precision} needs ~{need / GiB:.1f} GiB of memory for its {stage}, this machine "
+                    f"has {memory / GiB:.1f} GiB available{hint}")  # fmt: skip
+    need = disk_bytes(precision, shape, windows)
+    if need > disk:
+        return f"{adapter.name} {precision} needs ~{need / GiB:.1f} GiB of free disk, there are {disk / GiB:.1f} GiB"
+    return None
+
+
+def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], emit: Any,
+          output: str | Path | None) -> dict[tuple[str, str], str]:  # fmt: skip
+    """Refuse a run this machine cannot hold, before any work: the reference, then every pair (one line each).
+
+    Returns the refusals by pair when several run (``all`` skips them); a single pair's refusal is raised."""
+    shape = shape_of(src)
+    memory = available_memory()
+    folder = Path(output or ".").expanduser().resolve()
+    while not folder.exists():
+        folder = folder.parent
+    disk = shutil.disk_usage(folder).free
+    if windows and reference_bytes(shape) > memory:
+        raise PhiconvertError(
+            f"the source's reference needs ~{reference_bytes(shape) / GiB:.1f} GiB of memory, this machine has "
+            f"{memory / GiB:.1f} GiB available; try --verify none"
+        )
+    tokens = sum(length for _, length in windows)
+    if tokens * shape.parameters > 60 * WEIGHT_TOKENS_PER_SECOND:
+        minutes = math.ceil(tokens * shape.parameters / WEIGHT_TOKENS_PER_SECOND / 60)
+        emit({"stage": "plan", "status": "note", "message": (
+            f"verification runs {tokens} tokens ({', '.join(str(n) for _, n in windows)}) through the source and "
+            f"each artifact: ~{minutes} min for the source alone on a 2-core CPU; --verify quick skips the long "
+            "window")})  # fmt: skip
+    refused = {}
+    for pair in pairs:
+        why = refusal(pair.adapter, pair.precision, shape, windows, memory, disk)
+        if why:
+            refused[(pair.target, pair.precision)] = why
+    return refused
+
+
+def largest_model(adapter: targets.Target, memory: int) -> int:
+    """The most parameters this target converts and verifies (with a 4k window of a 200k vocabulary) in ``memory``
+    bytes, by its declared coefficients: what `phiconvert doctor` shows."""
+    window = 4352 * 200064 * 4 * adapter.memory.window_logits
+    fits = []
+    for (a, b), extra in ((adapter.memory.export, 0), (adapter.memory.runtime, window)):
+        fits.append((memory - b * GiB - extra) / (2 * a) if a else math.inf)
+    return max(0, int(min(fits)))

@@ -1,0 +1,165 @@
+"""Real size, proven small: the streamed reference, windows from the model, pre-flight, progress, the report of a
+failed verification, and bench/realsize.py on a tiny shape (the real shapes are measured by hand: README)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, checkpoint, leftovers, run_cli
+from test_verify import logits, short_factor_everywhere, windows
+
+from phiconvert import convert, preflight, progress, reference, source, verify
+from phiconvert.source import FIXTURES
+
+sys.path.insert(0, str(ROOT / "bench"))
+import shapes  # noqa: E402
+
+PHI4_MINI = {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
+             "original_max_position_embeddings": 4096, "max_position_embeddings": 131072}  # fmt: skip
+
+
+def test_streamed_reference_is_the_float32_model_exactly(tmp_path):
+    """One layer at a time from disk, upcast to float32: bit for bit what a whole float32 load computes."""
+    from transformers import AutoModelForCausalLM
+
+    folder = FIXTURES / "tiny-phi4mini"
+    ids = windows(folder)[1]
+    reference.write_logprobs(reference.SourceModel(folder), ids, tmp_path / "lp.npy", lambda done, total: None)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1).numpy()
+    assert np.array_equal(np.load(tmp_path / "lp.npy"), expected)
+    assert np.array_equal(verify.read_rows(tmp_path / "lp.npy", 100, 7), expected[100:107])
+
+
+def test_greedy_reply_is_exact_whatever_the_draft():
+    """A right draft is checked in one pass, a wrong one costs passes, never correctness."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = FIXTURES / "tiny-phi3"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": "What is a tuple?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    stop = {3507}  # <|end|>
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=list(stop))
+    expected = out[0, len(prompt) :].tolist()
+    streamed = reference.SourceModel(folder)
+    for drafts, passes in (([], len(expected)), ([expected], 1), ([expected[:4] + [5, 6, 7]], None)):
+        units: list[int] = []
+        streamed.on_unit = lambda: units.append(1)  # noqa: B023 (read in this iteration only)
+        assert reference.greedy_reply(streamed, prompt, 24, stop, drafts, lambda d, t: None) == expected
+        if passes is not None:
+            assert len(units) == passes * streamed.passes()
+
+
+def test_a_longrope_model_gets_a_window_past_its_original_context():
+    assert verify.windows(PHI4_MINI) == (verify.WINDOWS, (0, 4096 + verify.LONG_MARGIN))
+    assert verify.windows({"rope_scaling": None}) == (verify.WINDOWS, None)
+    # the bundled fixture's original context is 128: the longer standard window already crosses it
+    config = source.normalise_config(json.loads((FIXTURES / "tiny-phi4mini" / "config.json").read_text()))
+    assert verify.windows(config) == (verify.WINDOWS, None)
+    assert max(length for _, length in verify.WINDOWS) > config["original_max_position_embeddings"]
+    # the held-out text is long enough for a real model's long window (tiny-phi3's small vocabulary: most tokens)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(FIXTURES / "tiny-phi3")(source.HELDOUT.read_text())["input_ids"]
+    assert len(ids) > 3 * (4096 + verify.LONG_MARGIN)
+
+
+def test_swapped_factors_fail_in_the_window_past_the_original_context(tmp_path):
+    """The long factor only acts past the original context: the window there is where a swap shows."""
+    good = checkpoint(tmp_path, "tiny-phi4mini")
+    sequences = windows(good)
+    (tmp_path / "broken").mkdir()
+    broken = checkpoint(tmp_path / "broken", "tiny-phi4mini", edit=short_factor_everywhere)
+    fid = verify.compare(logits(good, sequences), logits(broken, sequences), sequences)
+    short, long = fid.windows
+    assert long.length > 128 >= short.length
+    assert long.top1 < verify.bound_for("int4").top1 <= short.top1
+    assert fid.failures(verify.bound_for("int4"))
+
+
+def test_quick_skips_the_long_window_and_says_so():
+    from phiconvert.pipeline import verify_windows
+
+    full, _ = verify_windows(PHI4_MINI, "full")
+    quick, caveats = verify_windows(PHI4_MINI, "quick")
+    assert full == [*quick, (0, 4352)] and quick == verify.WINDOWS
+    assert "--verify quick: the 4352-token window past the original context (4096 tokens)" in caveats[0]
+    assert verify_windows(PHI4_MINI, "none") == ([], [])
+
+
+def test_a_machine_too_small_is_told_before_any_work(tmp_path, monkeypatch, capsys):
+    from phiconvert import cli
+
+    monkeypatch.setattr(preflight, "available_memory", lambda: 200 * 2**20)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--target", "gguf", "--output", "out"])
+    assert exit.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs ~" in err[0] and "GiB of memory" in err[0] and "this machine has 0.2 GiB" in err[0]
+    assert leftovers(tmp_path) == []
+
+
+def test_doctor_shows_the_largest_model_per_target(tmp_path):
+    result = run_cli("doctor", "--json", cwd=tmp_path)
+    rows = json.loads(result.stdout)["targets"]
+    assert all(row["largest_model"] > 0 for row in rows)
+    assert "largest model" in run_cli("doctor", cwd=tmp_path).stdout
+
+
+def test_progress_is_counted_and_rate_limited():
+    sent = []
+    progress.attach(sent.append)
+    progress.stage("export")
+    assert list(progress.track(range(1000), unit="tensors")) == list(range(1000))
+    assert 2 <= len(sent) < 20  # the first, the last, and a few in between
+    assert sent[-1] == {"stage": "export", "status": "progress", "done": 1000.0, "total": 1000.0, "unit": "tensors"}
+
+
+@pytest.mark.slow
+def test_a_failed_verification_prints_its_whole_report(tmp_path):
+    """Random weights quantized to 4 bits fail the bound; --json still gives stages, peak memory and fidelity, and
+    progress bars moved through every long stage."""
+    folder = tmp_path / "random"
+    shapes.write_checkpoint("tiny", folder)
+    events = []
+    with pytest.raises(Exception) as failure:
+        convert(str(folder), target="gguf", precision="q4_0", output=tmp_path / "out", progress=events.append)
+    assert "verification failed for gguf q4_0: top-1 agreement" in str(failure.value)
+    moved = {e["stage"] for e in events if e["status"] == "progress"}
+    assert {"source logits 64", "source logits 384", "export", "artifact logits"} <= moved
+    result = run_cli(str(folder), "--target", "gguf", "--precision", "q4_0", "--output", "out", "--json", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error: verification failed")
+    printed = json.loads(result.stdout)
+    report = printed["report"]
+    assert printed["error"].startswith("verification failed") and not report["fidelity"]["passed"]
+    assert {"export", "artifact logits", "source logits 384"} <= {s["stage"] for s in report["stages"]}
+    assert report["peak_rss"]["target"] > 0 and report["fidelity"]["kl_p999"] >= report["fidelity"]["kl_median"]
+    assert leftovers(tmp_path) == ["random"]
+
+
+@pytest.mark.slow
+def test_realsize_bench_runs_on_a_tiny_shape(tmp_path):
+    """bench/realsize.py keeps working: phiconvert and the anchor at the same settings, one table, JSON."""
+    out = tmp_path / "realsize.json"
+    command = [sys.executable, str(ROOT / "bench" / "realsize.py"), "--shape", "tiny", "--targets", "mlx,gguf:q8_0",
+               "--verify", "quick", "--workdir", str(tmp_path / "work"), "--json", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["target"], r["precision"]) for r in rows] == [("mlx", "4bit"), ("gguf", "q8_0")]
+    for r in rows:  # random weights fail 4-bit verification, and the report still says what each stage cost
+        assert r["export_s"] > 0 and r["reference_peak_rss"] > 0 and r["verification_s"] > 0
+    assert rows[0]["error"].startswith("verification failed for mlx 4bit")
+    assert rows[0]["anchor"]["code"] == 0 and rows[0]["export_time_vs_anchor"] > 0
+    assert "pass --llama-cpp" in rows[1]["anchor"]["skipped"]
+    assert "time vs anchor" in result.stdout
