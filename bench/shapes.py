@@ -108,23 +108,27 @@ def _write_shard(path: Path, tensors: dict[str, tuple[int, ...]], rng: np.random
                 remaining -= n
 
 
-def grow_tokenizer(tokenizer: dict, vocab_size: int) -> dict:
-    """The byte-level BPE with synthetic merges (pairs of existing tokens) appended until ``vocab_size`` ids."""
-    model = tokenizer["model"]
+def grow_tokenizer(tokenizer: dict, vocab_size: int) -> dict[int, int]:
+    """Grow the byte-level BPE (in place) with synthetic merges of pairs of existing tokens until ``vocab_size``
+    ids, moving its added (special) tokens to the last ids, as real Phi tokenizers have them, with no hole between:
+    some runtimes' tokenizers fail on a vocabulary with holes. Returns the special tokens' new ids by old id."""
+    model, added = tokenizer["model"], tokenizer["added_tokens"]
     vocab, merges = model["vocab"], model["merges"]
-    taken = set(vocab) | {t["content"] for t in tokenizer["added_tokens"]}
-    next_id = max([*vocab.values(), *(t["id"] for t in tokenizer["added_tokens"])]) + 1
+    taken = set(vocab) | {t["content"] for t in added}
+    next_id = max(vocab.values()) + 1
     base = sorted(vocab, key=vocab.get)[:1024]
-    for a in base:
-        for b in base:
-            if next_id >= vocab_size:
-                return tokenizer
-            if a + b not in taken:
-                vocab[a + b] = next_id
-                merges.append([a, b])
-                taken.add(a + b)
-                next_id += 1
-    raise ValueError(f"cannot grow the tokenizer to {vocab_size} tokens")
+    pairs = ((a, b) for a in base for b in base if a + b not in taken)
+    while next_id < vocab_size - len(added):
+        a, b = next(pairs)
+        vocab[a + b] = next_id
+        merges.append([a, b])
+        next_id += 1
+    moved = {}
+    for token in sorted(added, key=lambda t: t["id"]):
+        moved[token["id"]] = next_id
+        token["id"] = next_id
+        next_id += 1
+    return moved
 
 
 def write_checkpoint(shape: str, folder: Path) -> int:
@@ -151,12 +155,27 @@ def write_checkpoint(shape: str, folder: Path) -> int:
         index = {"metadata": {"total_size": 2 * sum(int(np.prod(s)) for s in tensors.values())},
                  "weight_map": {t: n for n, shard in zip(names, shards, strict=True) for t in shard}}  # fmt: skip
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    tokenizer = grow_tokenizer(json.loads((FIXTURE / "tokenizer.json").read_text()), cfg["vocab_size"])
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
-    for name in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        shutil.copy(FIXTURE / name, folder / name)
+    write_tokenizer(cfg, folder)
     return sum(int(np.prod(s)) for s in tensors.values())
+
+
+def write_tokenizer(cfg: dict, folder: Path) -> None:
+    """The tokenizer grown to the config's vocabulary, the generation config and config.json, with the special
+    tokens' ids where the grown tokenizer has them."""
+    tokenizer = json.loads((FIXTURE / "tokenizer.json").read_text())
+    moved = grow_tokenizer(tokenizer, cfg["vocab_size"])
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    settings = json.loads((FIXTURE / "tokenizer_config.json").read_text())
+    settings["added_tokens_decoder"] = {str(moved[int(k)]): v for k, v in settings["added_tokens_decoder"].items()}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+    generation = json.loads((FIXTURE / "generation_config.json").read_text())
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = generation[key]
+        generation[key] = [moved[v] for v in value] if isinstance(value, list) else moved[value]
+        cfg[key] = moved[cfg[key]]
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    shutil.copy(FIXTURE / "chat_template.jinja", folder / "chat_template.jinja")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -118,7 +119,10 @@ def convert_parser() -> argparse.ArgumentParser:
 
 class StageLines:
     """A bar while a stage runs (a count, its unit and an ETA once the worker reports progress; a pulse until
-    then), then one permanent line with the stage's time and the worker's peak memory."""
+    then), then one permanent line with the stage's time and the worker's peak memory. Where the output is not a
+    terminal (a log, CI), the bar is a plain line every ``LOG_EVERY`` seconds instead."""
+
+    LOG_EVERY = 30.0
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -136,6 +140,7 @@ class StageLines:
         )
         self.tasks: dict[str, TaskID] = {}
         self.steps: dict[str, str] = {}
+        self.logged: dict[str, float] = {}
 
     def __call__(self, event: dict[str, Any]) -> None:
         name = f"{event['label']} · {event['stage']}" if event.get("label") else event["stage"]
@@ -155,6 +160,11 @@ class StageLines:
                 unit=event.get("unit", ""),
                 description=f"{name} · {what}" if what else name,
             )
+            now = time.monotonic()
+            if not self.console.is_terminal and now - self.logged.get(name, 0.0) >= self.LOG_EVERY:
+                self.logged[name] = now
+                shown = next(t for t in self.progress.tasks if t.id == task)
+                self.console.print(self._plain(shown), highlight=False, soft_wrap=True)
         elif event["status"] == "done" and name in self.tasks:
             self.progress.remove_task(self.tasks.pop(name))
             peak = f"peak {gib(event['peak_rss'])}" if event.get("peak_rss") else ""
@@ -164,6 +174,14 @@ class StageLines:
                 soft_wrap=True,
                 markup=True,
             )
+
+    @staticmethod
+    def _plain(task: Any) -> str:
+        """A progress line for a log: what, how far, how long so far and how long still."""
+        total = f"/{task.total:.0f}" if task.total else ""
+        eta = f", about {task.time_remaining:.0f} s to go" if task.time_remaining is not None else ""
+        done = f"{task.completed:.0f}{total} {task.fields['unit']}"
+        return f"  {task.description}: {done} after {task.elapsed or 0:.0f} s{eta}"
 
 
 def summary(report: dict[str, Any]) -> Table:

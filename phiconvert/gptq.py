@@ -274,10 +274,30 @@ def pack(ints: Any, scales: Any, zeros: Any, g_idx: Any, chosen: Settings) -> Pa
     )
 
 
+def quantize_rows(tensor: Any, chosen: Settings, rows: int = 16384) -> Packed:
+    """Round-to-nearest of a large matrix on disk (an LM head: vocabulary x hidden), a slice of output rows at a
+    time: each output row's groups are its own, so the slices pack side by side. Never the whole matrix in float32."""
+    import torch
+
+    from phiconvert import weights
+
+    parts = []
+    for start in range(0, tensor.shape[0], rows):
+        weight = weights.read_torch(tensor, slice(start, min(start + rows, tensor.shape[0])))
+        _, ints, scales, zeros, g_idx = quantize_weight(weight, None, chosen, rtn=True)
+        parts.append(pack(ints, scales, zeros, g_idx, chosen))
+    return Packed(
+        qweight=torch.cat([p.qweight for p in parts], dim=1),
+        qzeros=torch.cat([p.qzeros for p in parts], dim=1),
+        scales=torch.cat([p.scales for p in parts], dim=1),
+        g_idx=parts[0].g_idx,
+    )
+
+
 def save(source: Path, output: Path, packed: dict[str, Packed], chosen: Settings,
-         overrides: dict[str, Settings] | None = None) -> None:  # fmt: skip
-    """Write model.safetensors (packed layers; every other tensor of the source in float16) and config.json;
-    ``overrides``: layers quantized with other settings than ``chosen`` (gptqmodel's ``dynamic`` config)."""
+         overrides: dict[str, Settings] | None = None, leave_out: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Write model.safetensors (packed layers; every other tensor of the source in float16, but ``leave_out``) and
+    config.json; ``overrides``: layers quantized with other settings than ``chosen`` (gptqmodel's ``dynamic``)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -286,15 +306,19 @@ def save(source: Path, output: Path, packed: dict[str, Packed], chosen: Settings
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 layer = name.rsplit(".", 1)[0]
+                if name in leave_out:
+                    continue
                 if layer in packed and name.endswith(".weight"):
                     for part in ("qweight", "qzeros", "scales", "g_idx"):
                         tensors[f"{layer}.{part}"] = getattr(packed[layer], part)
                 else:
                     tensor = handle.get_tensor(name)
                     tensors[name] = tensor.half() if tensor.is_floating_point() else tensor
-    missing = set(packed) - {name.rsplit(".", 1)[0] for name in tensors}
-    if missing:
-        raise PhiconvertError(f"quantized layers not found in the source weights: {', '.join(sorted(missing))}")
+    for layer in set(packed) - {name.rsplit(".", 1)[0] for name in tensors}:  # a tied model's quantized LM head
+        if layer != "lm_head":
+            raise PhiconvertError(f"quantized layer {layer} is not in the source weights")
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            tensors[f"{layer}.{part}"] = getattr(packed[layer], part)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(output / "model.safetensors"), {"format": "pt"})
     config = json.loads((source / "config.json").read_text())
     config["torch_dtype"] = "float16"
@@ -308,6 +332,7 @@ def save(source: Path, output: Path, packed: dict[str, Packed], chosen: Settings
         "damp_percent": DAMP,
         "true_sequential": False,
         "checkpoint_format": "gptq",
+        "lm_head": "lm_head" in packed,
         "meta": {"quantizer": [f"phiconvert:{__version__}"]},
     }
     if overrides:

@@ -85,18 +85,18 @@ class watch_file:  # noqa: N801 (used as a context manager, like open)
 
 
 class PrintedLines:
-    """A text stream (the worker's stdout/stderr for Python code) that counts lines matching a pattern as progress.
+    """A text stream (the worker's stdout/stderr for Python code) that counts lines matching patterns as progress.
 
-    ``pattern``'s first group is the number done; its "total" group (or ``total``) the total."""
+    ``steps``: regex -> what that step is; a regex's first group is the number done (counted from 0)."""
 
-    def __init__(self, stream: Any, pattern: str, total: int | None, unit: str, what: str = "") -> None:
-        self.stream, self.pattern, self.total, self.unit, self.what = stream, re.compile(pattern), total, unit, what
+    def __init__(self, stream: Any, steps: dict[str, str], total: int | None, unit: str) -> None:
+        self.stream, self.total, self.unit = stream, total, unit
+        self.steps = {re.compile(pattern): what for pattern, what in steps.items()}
 
     def write(self, text: str) -> int:
-        for found in self.pattern.finditer(text):
-            groups = found.groupdict()
-            total = int(groups["total"]) if groups.get("total") else self.total
-            advance(int(found.group(1)), total, self.unit, self.what)
+        for pattern, what in self.steps.items():
+            for found in pattern.finditer(text):
+                advance(int(found.group(1)) + 1, self.total, self.unit, what)
         return self.stream.write(text)
 
     def __getattr__(self, name: str) -> Any:
@@ -148,11 +148,12 @@ def _tap_rich() -> None:
     )
 
 
-def redirect_prints(pattern: str, total: int | None, unit: str, what: str = "") -> Callable[[], None]:
-    """Count lines Python code prints to stdout/stderr that match ``pattern``; returns the function that undoes it."""
+def redirect_prints(steps: dict[str, str], total: int | None, unit: str) -> Callable[[], None]:
+    """Count lines Python code prints to stdout/stderr that match ``steps``' patterns (regex -> what the step is);
+    returns the function that undoes it."""
     saved = sys.stdout, sys.stderr
-    sys.stdout = PrintedLines(sys.stdout, pattern, total, unit, what)
-    sys.stderr = PrintedLines(sys.stderr, pattern, total, unit, what)
+    sys.stdout = PrintedLines(sys.stdout, steps, total, unit)
+    sys.stderr = PrintedLines(sys.stderr, steps, total, unit)
 
     def undo() -> None:
         sys.stdout, sys.stderr = saved

@@ -95,6 +95,14 @@ def read_torch(tensor: Tensor, rows: slice | None = None, out=None):
     return out.copy_(raw.reshape(shape))
 
 
+def read_stored(tensor: Tensor):
+    """``tensor`` as torch in its stored dtype (a copy of its bytes, to write elsewhere unchanged)."""
+    import torch
+
+    raw = torch.from_numpy(read(tensor))
+    return (raw.view(torch.bfloat16) if tensor.dtype == "BF16" else raw).reshape(tensor.shape)
+
+
 def read_rows(tensor: Tensor, ids: list[int]):
     """Rows ``ids`` of a 2-D tensor (an embedding lookup without loading the embedding), as float32 torch."""
     import torch

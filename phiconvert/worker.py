@@ -30,7 +30,7 @@ from phiconvert.errors import PhiconvertError
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes.
+    """Peak resident set size of this process since the current stage began (or since it started), in bytes.
 
     On Linux from /proc (VmHWM): getrusage's ru_maxrss starts a forked child at its parent's peak, so a worker
     started by a parent that holds torch would report the parent's memory as its own.
@@ -44,16 +44,29 @@ def peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def reset_peak() -> None:
+    """Start measuring the peak RSS afresh (Linux: ``5`` in /proc/self/clear_refs resets VmHWM to the current RSS),
+    so each stage's peak is its own, not the highest of the stages before it in the same process."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 Send = Callable[[dict[str, Any]], None]
+_highest = {"rss": 0}  # the highest stage peak of this process: its peak over the whole job
 
 
 def timed_stage(send: Send, name: str, fn: Callable, *args: Any) -> Any:
-    """Run one stage, reporting its start, its progress, its duration and the peak RSS this process reached."""
+    """Run one stage, reporting its start, its progress, its duration and the peak RSS this process reached in it."""
     send({"stage": name, "status": "start"})
     progress.stage(name)
+    reset_peak()
     start = time.perf_counter()
     result = fn(*args)
-    send({"stage": name, "status": "done", "seconds": time.perf_counter() - start, "peak_rss": peak_rss()})
+    peak = peak_rss()
+    _highest["rss"] = max(_highest["rss"], peak)
+    send({"stage": name, "status": "done", "seconds": time.perf_counter() - start, "peak_rss": peak})
     return result
 
 
@@ -220,7 +233,8 @@ def run_bench(job: dict[str, Any], send: Send) -> dict[str, Any]:
         rows.append(timed_stage(send, f"prompt {len(ids)}", prompt))
     # a busy machine slows every runtime several-fold: the load average says how quiet this one was
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"load_s": load_seconds, "baseline_rss": baseline, "load_rss": load_rss, "peak_rss": peak_rss(),
+    return {"load_s": load_seconds, "baseline_rss": baseline, "load_rss": load_rss,
+            "peak_rss": max(_highest["rss"], peak_rss()),
             "new_tokens": new_tokens, "repeats": job["repeats"], "load_average": busy, "prompts": rows}  # fmt: skip
 
 
@@ -239,7 +253,8 @@ def main() -> None:
     progress.attach(send)
     job = json.loads(Path(sys.argv[1]).read_text())
     try:
-        send({"result": JOBS[job["kind"]](job, send), "peak_rss": peak_rss()})
+        result = JOBS[job["kind"]](job, send)
+        send({"result": result, "peak_rss": max(_highest["rss"], peak_rss())})
     except PhiconvertError as error:
         send({"error": str(error)})
         sys.exit(1)

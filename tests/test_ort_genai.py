@@ -4,10 +4,11 @@ that stops at <|end|>, and proof that the check fails when the export is mis-wir
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_NAMES, leftovers, stage, whole
+from conftest import FIXTURE_NAMES, ROOT, leftovers, stage, whole
 
 from phiconvert import convert, pipeline
 from phiconvert.errors import PhiconvertError
@@ -225,3 +226,21 @@ def test_convert_error_leaves_nothing_behind(tmp_path):
     with pytest.raises(PhiconvertError, match="fp16 is not built for --ep cpu"):
         convert(target="ort-genai", precision="fp16", output=tmp_path / "out")
     assert leftovers(tmp_path) == []
+
+
+def test_a_vocabulary_the_head_packs_into_is_quantized_by_phiconvert_and_read_by_the_embedding(tmp_path):
+    """Real vocabularies (200064, 100352, 32064) pack into GPTQ words: then phiconvert quantizes the LM head too,
+    leaves the float embedding out, and the graph reads the tied embedding from the head's blocks (the builder's
+    flat block scales reshaped, which ONNX Runtime otherwise refuses). The fixtures' odd vocabularies do not pack,
+    so this runs on the benchmark's tiny random shape (random weights: only KL is meaningful)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import shapes
+
+    shapes.write_checkpoint("tiny", tmp_path / "random")
+    with pytest.raises(PhiconvertError) as failed:  # random weights fail the int4 bound; the report says why
+        convert(str(tmp_path / "random"), target="ort-genai", output=tmp_path / "out")
+    report = failed.value.report
+    prequantized, weights = report["details"]["prequantized"], report["details"]["other_weights"]
+    assert prequantized["lm_head_bits"] == 8 and "lm_head" in prequantized["layers_at_8_bits"]
+    assert weights["/lm_head/MatMulNBits"] == "int8" and weights["/model/embed_tokens/GatherBlockQuantized"] == "int8"
+    assert report["fidelity"]["worst_kl"] < 0.002  # measured 7.5e-4

@@ -165,6 +165,8 @@ def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -
             break
     stopped = bool(new) and llama_cpp.llama_vocab_is_eog(vocab, new[-1])
     text = llm.detokenize(new[:-1] if stopped else new, prev_tokens=prompt).decode("utf-8", errors="ignore")
+    llm.close()  # its mapping of the model file would count again beside the next context's
+    probe.close()
     return Smoke(text=text, tokens=len(new), stopped_at_eot=stopped, ids=new)
 
 

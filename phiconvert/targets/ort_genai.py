@@ -90,7 +90,7 @@ def settings_for(precision: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def builder_options(settings: dict[str, Any]) -> list[str]:
-    """The builder's KEY=VALUE extra options for ``settings`` (int8 keeps the builder's round-to-nearest)."""
+    """The builder's KEY=VALUE extra options for ``settings`` (a prequantized checkpoint carries its own bits)."""
     if "group_size" not in settings:
         return []
     options = [
@@ -98,10 +98,8 @@ def builder_options(settings: dict[str, Any]) -> list[str]:
         f"is_symmetric={settings['sym']}",
         f"accuracy_level={settings['accuracy_level']}",
     ]
-    if "int4_algo" in settings:
-        # with a prequantized checkpoint the builder quantizes only the LM head itself: with k-quant
-        algo = "k_quant" if settings["int4_algo"] in PREQUANTIZED else settings["int4_algo"].removesuffix("_mixed")
-        options.append(f"algo_config={algo}")
+    if settings.get("int4_algo", "").startswith(("rtn", "k_quant")):  # the builder's own quantizers
+        options.append(f"algo_config={settings['int4_algo'].removesuffix('_mixed')}")
         mixed = ["mixed_layers:int8"] if settings["int4_algo"] == "k_quant_mixed" else []
         mixed += ["last_matmul:int8"] if settings["int8_lm_head"] else []
         if mixed:
@@ -160,12 +158,18 @@ def export(job: ExportJob) -> dict[str, Any]:
     source = str(prequantized["folder"] if prequantized else job.source)
     output, cache = str(job.output), str(job.work / "builder-cache")
     options = builder_options(settings)
+    if prequantized and prequantized["lm_head_bits"] is None:  # the builder quantizes the head: plain RTN, its bits
+        bits = "int8" if settings.get("int8_lm_head", True) or job.precision == "int8" else "int4"
+        options += ["algo_config=rtn", f"matmul_mixed_precision=last_matmul:{bits}"]
     extra = parse_extra_options(None, source, output, job.precision, ep, cache, options)
-    undo = progress.redirect_prints(r"Reading layer (\d+)", config["num_hidden_layers"], "layers", "builder")
+    steps = {r"Unpacking and repacking layer (\d+)": "builder: repack", r"Reading layer (\d+)": "builder: build"}
+    undo = progress.redirect_prints(steps, config["num_hidden_layers"], "layers")
     try:
         create_model(None, source, output, job.precision, ep, cache, **extra)
     finally:
         undo()
+    if prequantized and prequantized["lm_head_bits"] and config.get("tie_word_embeddings"):
+        fix_tied_embedding_of_prequantized_head(job.output)
     # CPU only: the GPU providers' 8-bit GatherBlockQuantized is not proven here
     tied = (
         job.precision == "int8" and ep == "cpu" and config.get("tie_word_embeddings") and tie_int8_embedding(job.output)
@@ -214,15 +218,27 @@ def prequantize(job: ExportJob, settings: dict[str, Any], config: dict[str, Any]
         chunks = hf_common.calibration_chunks(tokenizer, job.calibration, SEQUENCE_LENGTH, MAX_SAMPLES)
     source = SourceModel(job.source)
     packed, error = gptq.quantize_model(source.model, chunks, settings_of, "cpu", rtn=rtn, source=source)
+    # the LM head too (8 bits unless told otherwise), so no float matrix is left for the builder to quantize: its
+    # own pass copies the whole model twice more, and with k-quant it took 24 GiB on Phi-4-mini's head
+    head = eight if settings.get("int8_lm_head", True) else chosen
+    tied = source.head is source.embedding
+    if source.head.shape[0] % (32 // head.bits):  # GPTQ packs zero points of 32 // bits outputs per word
+        head = None  # the builder quantizes it (round-to-nearest): a vocabulary this odd is a small model's
+    else:
+        packed["lm_head"] = gptq.quantize_rows(source.head, head)
     folder = job.work / "prequantized"
     folder.mkdir()
-    overrides = {name: settings_of(name) for name in packed if settings_of(name) != chosen}
-    gptq.save(job.source, folder, packed, chosen, overrides)
+    overrides = {name: settings_of(name) for name in packed if name != "lm_head" and settings_of(name) != chosen}
+    overrides |= {"lm_head": head} if head and head != chosen else {}
+    # an int4 graph reads a tied embedding from the quantized head (GatherBlockQuantized): no float copy needed
+    leave_out = (f"{source.embedding.name}",) if tied and head and bits == 4 else ()
+    gptq.save(job.source, folder, packed, chosen, overrides, leave_out)
     hf_common.copy_support_files(job.source, folder)
     return {
         "folder": folder,
         "method": "round-to-nearest" if rtn else "GPTQ",
         "layers_at_8_bits": sorted(overrides) if bits == 4 else "all",
+        "lm_head_bits": head.bits if head else None,
         "relative_output_error": error,
         "calibration": None if rtn else {"chunks": len(chunks), "tokens_per_chunk": len(chunks[0])},
     }
@@ -274,9 +290,11 @@ def tie_int8_embedding(artifact: Path) -> bool:
     reshape = helper.make_node(
         "Reshape", [head.input[1], shape.name], ["/model/embed_tokens/Reshape/output_0"], "/model/embed_tokens/Reshape"
     )
+    position = list(graph.node).index(gather)
+    block_params = _as_matrices(graph, list(head.input[2:4]), vocab, position)
     lookup = helper.make_node(
         "GatherBlockQuantized",
-        [reshape.output[0], gather.input[1], *head.input[2:4]],  # data, indices, scales[, zero points]
+        [reshape.output[0], gather.input[1], *block_params],  # data, indices, scales[, zero points]
         list(gather.output),
         "/model/embed_tokens/GatherBlockQuantized",
         domain="com.microsoft",
@@ -292,6 +310,49 @@ def tie_int8_embedding(artifact: Path) -> bool:
     graph.initializer.remove(embedding)
     graph.initializer.append(shape)
     _rewrite_external_data(model, artifact)
+    onnx.save(model, str(model_file))
+    return True
+
+
+def _as_matrices(graph: Any, names: list[str], rows: int, position: int) -> list[str]:
+    """``names`` of block scales / zero points, each reshaped to (rows, blocks) where its initializer is flat: the
+    layout MatMulNBits keeps for a prequantized matrix, which GatherBlockQuantized (2-D only) refuses."""
+    import onnx
+    from onnx import helper
+
+    initializers = {t.name: t for t in graph.initializer}
+    out = []
+    for name in names:
+        if name not in initializers or len(initializers[name].dims) != 1:
+            out.append(name)
+            continue
+        shape = helper.make_tensor(f"{name}/matrix_shape", onnx.TensorProto.INT64, [2], [rows, -1])
+        reshape = helper.make_node("Reshape", [name, shape.name], [f"{name}/matrix"], f"/{name}/Reshape")
+        graph.initializer.append(shape)
+        graph.node.insert(position, reshape)
+        out.append(reshape.output[0])
+    return out
+
+
+def fix_tied_embedding_of_prequantized_head(artifact: Path) -> bool:
+    """The builder reads a tied embedding from a prequantized LM head's blocks with GatherBlockQuantized, but passes
+    the head's flat block scales and zero points, which ONNX Runtime refuses to load ("scales must have the same
+    rank as data", onnxruntime-genai 0.18): reshape them to (vocabulary, blocks) in the graph."""
+    import onnx
+
+    model_file = artifact / "model.onnx"
+    model = onnx.load(str(model_file), load_external_data=False)
+    graph = model.graph
+    gather = next((n for n in graph.node if n.name == "/model/embed_tokens/GatherBlockQuantized"), None)
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output), None)
+    if gather is None or head is None:
+        return False
+    vocab = next(a.i for a in head.attribute if a.name == "N")
+    params = _as_matrices(graph, list(gather.input[2:]), vocab, list(graph.node).index(gather))
+    if params == list(gather.input[2:]):
+        return False
+    del gather.input[2:]
+    gather.input.extend(params)
     onnx.save(model, str(model_file))
     return True
 

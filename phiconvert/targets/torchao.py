@@ -6,9 +6,11 @@ The input embedding: int8 weights per row. The tied embedding is untied first so
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from phiconvert import weights
 from phiconvert.errors import PhiconvertError
 from phiconvert.targets import ExportJob, Target, hf_common
 
@@ -51,17 +53,27 @@ def quantization_config(chosen: dict[str, Any]) -> Any:
 
 def untied_copy(source: Path, work: Path) -> Path:
     """The source with its LM head a copy of the embedding instead of the same tensor, so each gets its own
-    quantization (transformers re-ties the weights after a quantized load, which torchao's tensors cannot do)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    quantization (transformers re-ties the weights after a quantized load, which torchao's tensors cannot do).
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")  # written back in the source's dtype
-    if not model.config.get_text_config(decoder=True).tie_word_embeddings:
+    Written without loading the model: links to the source's files, one more file holding the head (the
+    embedding's bytes), and an index and config that say so."""
+    from safetensors.torch import save_file
+
+    config = json.loads((source / "config.json").read_text())
+    if not config.get("tie_word_embeddings"):
         return source
-    model.config.get_text_config(decoder=True).tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    model.save_pretrained(work / "untied")
-    return work / "untied"
+    folder = work / "untied"
+    folder.mkdir()
+    for item in source.iterdir():
+        if item.name not in ("config.json", "model.safetensors.index.json"):
+            (folder / item.name).symlink_to(item.resolve())
+    tensors = weights.index(source)
+    embedding = next(t for name, t in tensors.items() if name.endswith("embed_tokens.weight"))
+    save_file({"lm_head.weight": weights.read_stored(embedding)}, str(folder / "lm_head.safetensors"))
+    weight_map = {name: t.file.name for name, t in tensors.items()} | {"lm_head.weight": "lm_head.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
+    return folder
 
 
 def export(job: ExportJob) -> dict[str, Any]:
