@@ -41,7 +41,11 @@ def measure(command: list[str], log: Path, stdout: Path | None = None) -> dict:
     """Run ``command`` to completion: wall seconds, peak RSS of its largest process (bytes), exit code."""
     start = time.perf_counter()
     with log.open("w") as err, (stdout or log).open("a" if stdout is None else "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=err)
+        try:
+            process = subprocess.Popen(command, stdout=out, stderr=err)
+        except OSError as error:  # a tool that is not there: a row that says so, not a lost job
+            err.write(f"{error}\n")
+            return {"seconds": 0.0, "peak_rss": 0, "code": 127}
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return {"seconds": time.perf_counter() - start, "peak_rss": usage.ru_maxrss * 1024, "code": process.returncode}
@@ -88,7 +92,7 @@ def anchor_command(target: str, report: dict, checkpoint: Path, out: Path, llama
     python = sys.executable
     if target == "openvino":
         weight = report["precision"]
-        command = ["optimum-cli", "export", "openvino", "--model", str(checkpoint), "--task",
+        command = [str(Path(python).parent / "optimum-cli"), "export", "openvino", "--model", str(checkpoint), "--task",
                    "text-generation-with-past", "--weight-format", weight]  # fmt: skip
         if weight == "int4":
             command += ["--group-size", str(settings["group_size"]), "--ratio", str(settings.get("ratio", 1.0))]

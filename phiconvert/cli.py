@@ -113,8 +113,30 @@ def convert_parser() -> argparse.ArgumentParser:
         "original context; quick: without that last window; none: no comparison",
     )
     p.add_argument("--no-verify", dest="verify", action="store_const", const="none", help="same as --verify none")
+    p.add_argument(
+        "--plan",
+        dest="plan_only",
+        action="store_true",
+        help="only the pre-flight: the memory each stage needs and the disk, against this machine; no work",
+    )
     p.add_argument("--json", action="store_true", help="print the run's report as JSON on stdout")
     return p
+
+
+def plan_table(plan: dict[str, Any]) -> Table:
+    """What each pair of a run needs, estimated before any work (`--plan`)."""
+    size = f"{plan['parameters'] / 1e9:.2f} B" if plan["parameters"] >= 1e9 else f"{plan['parameters'] / 1e6:.1f} M"
+    title = (f"{plan['model']}: {size} parameters ({gib(plan['bf16_bytes'])} in bf16); "
+             f"this machine: {gib(plan['memory_available'])} of memory available, {gib(plan['disk_free'])} of disk "
+             f"free; the reference needs {gib(plan['reference'] or None)}")  # fmt: skip
+    table = Table(title=title)
+    for column in ("target", "export", "verification", "disk", "here"):
+        table.add_column(column, justify="left" if column in ("target", "here") else "right")
+    for pair in plan["pairs"]:
+        memory = pair["memory"]
+        table.add_row(f"{pair['target']} {pair['precision']}", gib(memory["export"]), gib(memory.get("verification")),
+                      gib(pair["disk"]), pair["refusal"] or "fits")  # fmt: skip
+    return table
 
 
 class StageLines:
@@ -218,6 +240,12 @@ def with_stage_lines(verb: Callable[..., Any], args: argparse.Namespace) -> tupl
 def run_convert(argv: list[str]) -> int:
     args = convert_parser().parse_args(argv)
     report, console = with_stage_lines(convert, args)
+    if report.get("kind") == "plan":
+        console.width = max(console.width, 150)
+        console.print(plan_table(report))
+        if args.json:
+            print(json.dumps(report, indent=2))
+        return 0
     if report.get("kind") == "comparison":
         console.width = max(console.width, 150)  # a dozen columns: do not squeeze them into a log's 80
         console.print(side_by_side(report))

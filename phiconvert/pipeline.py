@@ -72,6 +72,7 @@ def convert(
     device: str | None = None,
     force: bool = False,
     verify: str | bool = "full",  # full, quick (no window past the original context), none (True/False: full/none)
+    plan_only: bool = False,  # only the pre-flight: what each stage needs, against this machine
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Convert ``model`` for ``target`` at ``precision`` and prove it; returns the report (also phiconvert.json).
@@ -98,7 +99,10 @@ def convert(
     samples = calibration_samples(calibration)
     config = source.normalise_config(src.config)
     windows, skipped_windows = verify_windows(config, mode)
-    refused = preflight.check(src, [p for p in pairs if not p.skipped], windows, emit, output)
+    needs = preflight.check(src, [p for p in pairs if not p.skipped], windows, emit, output, MAX_NEW_TOKENS)
+    if plan_only:
+        return {"kind": "plan", "model": src.model, **needs}
+    refused = {(e["target"], e["precision"]): e["refusal"] for e in needs["pairs"] if e["refusal"]}
     if refused and not target.startswith("all"):
         raise PhiconvertError(next(iter(refused.values())))
     pairs = [replace(p, skipped=refused.get((p.target, p.precision), p.skipped)) for p in pairs]
@@ -112,8 +116,8 @@ def convert(
         runs = []
         for pair in pairs:
             tagged = emit_with(emit, pair.label) if several else emit
-            runs.append(convert_pair(src, staging, reference, pair, (samples, calibration is not None), windows,
-                                     skipped_windows, temp, tagged))  # fmt: skip
+            calibrated = (samples, calibration is not None)
+            runs.append(convert_pair(src, staging, reference, pair, calibrated, skipped_windows, temp, tagged))
             if not several and runs[-1]["status"] == "failed" and "report" not in runs[-1]:
                 raise PhiconvertError(runs[-1]["error"])
         if reference:
@@ -236,7 +240,6 @@ def convert_pair(
     reference: dict[str, Any] | None,
     pair: Pair,
     calibration: tuple[list[str], bool],
-    windows: list[tuple[int, int]],
     skipped_windows: list[str],
     temp: Path,
     emit: Progress,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,37 +94,42 @@ def available_memory() -> int:
     return psutil.virtual_memory().available
 
 
-def refusal(adapter: targets.Target, precision: str, shape: Shape, windows: list[tuple[int, int]],
-            memory: int, disk: int) -> str | None:  # fmt: skip
-    """Why this machine cannot run this pair (None when it can)."""
+def estimate(adapter: targets.Target, precision: str, shape: Shape, windows: list[tuple[int, int]],
+             memory: int, disk: int) -> dict[str, Any]:  # fmt: skip
+    """Peak memory of each stage and the disk one pair needs, and why this machine cannot run it (or None)."""
     longest = max((length for _, length in windows), default=0)
-    for stage, need in stage_bytes(adapter, shape, longest).items():
-        if stage == "verification" and not windows:
-            continue
+    needs = stage_bytes(adapter, shape, longest)
+    if not windows:
+        needs.pop("verification")
+    out: dict[str, Any] = {"target": adapter.name, "precision": precision, "memory": needs,
+                           "disk": disk_bytes(precision, shape, windows), "refusal": None}  # fmt: skip
+    for stage, need in needs.items():
         if need > memory:
             hint = "; try --verify quick" if stage == "verification" and longest > 1024 else ""
-            return (f"{adapter.name} {precision} needs ~{need / GiB:.1f} GiB of memory for its {stage}, this machine "
-                    f"has {memory / GiB:.1f} GiB available{hint}")  # fmt: skip
-    need = disk_bytes(precision, shape, windows)
-    if need > disk:
-        return f"{adapter.name} {precision} needs ~{need / GiB:.1f} GiB of free disk, there are {disk / GiB:.1f} GiB"
-    return None
+            out["refusal"] = (f"{adapter.name} {precision} needs ~{need / GiB:.1f} GiB of memory for its {stage}, "
+                              f"this machine has {memory / GiB:.1f} GiB available{hint}")  # fmt: skip
+            return out
+    if out["disk"] > disk:
+        out["refusal"] = (f"{adapter.name} {precision} needs ~{out['disk'] / GiB:.1f} GiB of free disk, there are "
+                          f"{disk / GiB:.1f} GiB")  # fmt: skip
+    return out
 
 
 def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], emit: Any,
-          output: str | Path | None) -> dict[tuple[str, str], str]:  # fmt: skip
-    """Refuse a run this machine cannot hold, before any work: the reference, then every pair (one line each).
-
-    Returns the refusals by pair when several run (``all`` skips them); a single pair's refusal is raised."""
+          output: str | Path | None, smoke_tokens: int) -> dict[str, Any]:  # fmt: skip
+    """Everything the run will need, against this machine, before any work: the reference's memory (raised when
+    it does not fit), then each pair's stages and disk (``pairs``: the pair's estimate and ``refusal``, the
+    reason it cannot run here). Says up front how long verification and slow runtimes will take."""
     shape = shape_of(src)
     memory = available_memory()
     folder = Path(output or ".").expanduser().resolve()
     while not folder.exists():
         folder = folder.parent
     disk = shutil.disk_usage(folder).free
-    if windows and reference_bytes(shape) > memory:
+    reference = reference_bytes(shape) if windows else 0
+    if reference > memory:
         raise PhiconvertError(
-            f"the source's reference needs ~{reference_bytes(shape) / GiB:.1f} GiB of memory, this machine has "
+            f"the source's reference needs ~{reference / GiB:.1f} GiB of memory, this machine has "
             f"{memory / GiB:.1f} GiB available; try --verify none"
         )
     tokens = sum(length for _, length in windows)
@@ -133,12 +139,19 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
             f"verification runs {tokens} tokens ({', '.join(str(n) for _, n in windows)}) through the source and "
             f"each artifact: ~{minutes} min for the source alone on a 2-core CPU; --verify quick skips the long "
             "window")})  # fmt: skip
-    refused = {}
+    estimates = []
     for pair in pairs:
-        why = refusal(pair.adapter, pair.precision, shape, windows, memory, disk)
-        if why:
-            refused[(pair.target, pair.precision)] = why
-    return refused
+        estimates.append(estimate(pair.adapter, pair.precision, shape, windows, memory, disk))
+        slow = pair.adapter.linux_cpu_speed
+        if slow and sys.platform == "linux":
+            seconds = shape.parameters * (tokens / slow[0] + smoke_tokens / slow[1])
+            if seconds > 300:
+                emit({"stage": "plan", "status": "note", "message": (
+                    f"{pair.adapter.name} runs on this CPU at {slow[1] / shape.parameters:.2f} tokens/s for this "
+                    f"model (a backend for other hardware): its smoke test and verification take ~"
+                    f"{math.ceil(seconds / 60)} min; --verify none leaves the comparison out")})  # fmt: skip
+    return {"parameters": shape.parameters, "bf16_bytes": shape.bf16_bytes, "memory_available": memory,
+            "disk_free": disk, "reference": reference, "windows": windows, "pairs": estimates}  # fmt: skip
 
 
 def largest_model(adapter: targets.Target, memory: int) -> int:

@@ -163,3 +163,33 @@ def test_realsize_bench_runs_on_a_tiny_shape(tmp_path):
     assert rows[0]["anchor"]["code"] == 0 and rows[0]["export_time_vs_anchor"] > 0
     assert "pass --llama-cpp" in rows[1]["anchor"]["skipped"]
     assert "time vs anchor" in result.stdout
+
+
+def test_progress_in_a_log_is_a_line_every_so_often():
+    """No terminal (CI, a log file): the bar becomes a plain line with the count and the time so far."""
+    import io
+
+    from rich.console import Console
+
+    from phiconvert.cli import StageLines
+
+    out = io.StringIO()
+    lines = StageLines(Console(file=out, width=100))
+    lines({"stage": "export", "status": "start"})
+    for done in range(1, 4):
+        lines({"stage": "export", "status": "progress", "done": done, "total": 32, "unit": "layers", "what": "GPTQ"})
+    lines({"stage": "export", "status": "done", "seconds": 2.0, "peak_rss": 2**30})
+    shown = out.getvalue().splitlines()
+    assert shown[0].startswith("  export · GPTQ: 1/32 layers after") and len(shown) == 2  # then LOG_EVERY later
+    assert shown[1].startswith("✓ export") and "peak 1.00 GiB" in shown[1]
+
+
+def test_plan_says_what_each_pair_needs_without_doing_any_work(tmp_path):
+    result = run_cli("--target", "all", "--plan", "--json", "--output", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["kind"] == "plan" and plan["reference"] > 0 and plan["windows"] == [list(w) for w in verify.WINDOWS]
+    assert {(p["target"], p["precision"]) for p in plan["pairs"]} >= {("gguf", "q4_k_m"), ("openvino", "int4")}
+    assert all(p["memory"]["export"] > 0 and p["disk"] > 0 and p["refusal"] is None for p in plan["pairs"])
+    assert "fits" in run_cli("--target", "gguf", "--plan", cwd=tmp_path).stderr  # the table goes with the stage lines
+    assert leftovers(tmp_path) == []

@@ -101,6 +101,10 @@ class Target:
     check: Callable[[str, dict[str, Any]], None] | None = None
     # peak memory per stage, for the pre-flight check
     memory: Memory = Memory(export=(1.0, 1.0), runtime=(1.0, 1.0))
+    # where the runtime is far slower on a Linux CPU than the others (a backend meant for other hardware): its
+    # measured (prompt, generation) speed in weights x tokens per second, so the run says up front how long the
+    # smoke test and verification will take
+    linux_cpu_speed: tuple[float, float] | None = None
     # variant name -> what it is: logits() may also yield ((variant, window), start, logits) for a way the stock
     # runtime computes differently from what verification applies; each is measured against the source and
     # reported as a caveat with its numbers

@@ -177,6 +177,10 @@ def export(job: ExportJob) -> dict[str, Any]:
     return {
         "settings": settings,
         "builder_options": options,
+        # the builder's own route to the same layout (mixed int8 layers, 8-bit head), for benchmarks against it
+        "anchor_builder_options": builder_options({**settings, "int4_algo": "k_quant_mixed"})
+        if job.precision == "int4" and prequantized
+        else builder_options(settings),
         "embedding": "read from the int8 LM head (tied, as the source; phiconvert re-ties it)" if tied else None,
         "prequantized": {k: v for k, v in prequantized.items() if k != "folder"} if prequantized else None,
         "calibration": (prequantized or {}).get("calibration") or ("not used" if options else None),
