@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import converted_by_all, whole
+from conftest import checkpoint, converted_by_all, whole
 
 import phiconvert
 from phiconvert import envs, pipeline, source, targets, verify
@@ -183,6 +183,20 @@ def check_report(report: dict) -> None:
         assert (output / name).is_file(), name
     config = json.loads((output / "config.json").read_text())
     assert "rope_parameters" not in config and config["partial_rotary_factor"] == 0.75  # hub layout, like the source
+
+
+def test_torchao_untied_copy_loads_with_its_own_head(tmp_path):
+    """The untied copy is links plus one head file; transformers must load that head (a one-file source's
+    `model.safetensors` would be read before the index and leave the head random)."""
+    from transformers import AutoModelForCausalLM
+
+    from phiconvert.targets import torchao
+
+    folder = torchao.untied_copy(checkpoint(tmp_path, "tiny-phi4mini"), tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert not model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
 
 
 @pytest.mark.slow

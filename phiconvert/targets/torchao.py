@@ -64,13 +64,17 @@ def untied_copy(source: Path, work: Path) -> Path:
         return source
     folder = work / "untied"
     folder.mkdir()
-    for item in source.iterdir():
-        if item.name not in ("config.json", "model.safetensors.index.json"):
-            (folder / item.name).symlink_to(item.resolve())
     tensors = weights.index(source)
+    # transformers reads a single `model.safetensors` before any index: a one-file source is linked as a shard
+    shard_name = {f: f"source-{f.name}" for f in {t.file for t in tensors.values()}}
+    for item in source.iterdir():
+        if item.name not in ("config.json", "model.safetensors.index.json") and item not in shard_name:
+            (folder / item.name).symlink_to(item.resolve())
+    for file, name in shard_name.items():
+        (folder / name).symlink_to(file.resolve())
     embedding = next(t for name, t in tensors.items() if name.endswith("embed_tokens.weight"))
     save_file({"lm_head.weight": weights.read_stored(embedding)}, str(folder / "lm_head.safetensors"))
-    weight_map = {name: t.file.name for name, t in tensors.items()} | {"lm_head.weight": "lm_head.safetensors"}
+    weight_map = {name: shard_name[t.file] for name, t in tensors.items()} | {"lm_head.weight": "lm_head.safetensors"}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
     return folder
