@@ -68,24 +68,31 @@ def reference_bytes(shape: Shape) -> int:
     return int(REFERENCE_BASE + 2 * 4 * shape.layer_weights + 3 * 512 * shape.vocab * 4)
 
 
-def stage_bytes(adapter: targets.Target, shape: Shape, longest_window: int) -> dict[str, int]:
-    """Peak bytes of the export and of the artifact's runtime (with its verification logits)."""
+def nominal_bits(precision: str) -> float:
+    from phiconvert.verify import ALIASES
+
+    return NOMINAL_BITS.get(ALIASES.get(precision, precision), 16)
+
+
+def artifact_bytes(precision: str, shape: Shape) -> int:
+    """The artifact at its nominal size."""
+    return int(shape.parameters * nominal_bits(precision) / 8)
+
+
+def stage_bytes(adapter: targets.Target, precision: str, shape: Shape, longest_window: int) -> dict[str, int]:
+    """Peak bytes of the export (scaled by the source) and of the artifact's runtime (scaled by the artifact, plus
+    its verification logits)."""
     memory = adapter.memory
-
-    def linear(coefficients: tuple[float, float]) -> int:
-        return int(coefficients[0] * shape.bf16_bytes + coefficients[1] * GiB)
-
+    export = memory.export[0] * shape.bf16_bytes + memory.export[1] * GiB
+    runtime = memory.runtime[0] * artifact_bytes(precision, shape) + memory.runtime[1] * GiB
     logits = memory.window_logits * longest_window * shape.vocab * 4
-    return {"export": linear(memory.export), "verification": linear(memory.runtime) + logits}
+    return {"export": int(export), "verification": int(runtime + logits)}
 
 
 def disk_bytes(precision: str, shape: Shape, windows: list[tuple[int, int]]) -> int:
     """The artifact at its nominal size, an intermediate copy of the weights, the reference's log-probabilities."""
-    from phiconvert.verify import ALIASES
-
-    bits = NOMINAL_BITS.get(ALIASES.get(precision, precision), 16)
     logits = sum(length for _, length in windows) * shape.vocab * 4
-    return int(shape.parameters * bits / 8 + shape.bf16_bytes + logits)
+    return artifact_bytes(precision, shape) + shape.bf16_bytes + logits
 
 
 def available_memory() -> int:
@@ -98,7 +105,7 @@ def estimate(adapter: targets.Target, precision: str, shape: Shape, windows: lis
              memory: int, disk: int) -> dict[str, Any]:  # fmt: skip
     """Peak memory of each stage and the disk one pair needs, and why this machine cannot run it (or None)."""
     longest = max((length for _, length in windows), default=0)
-    needs = stage_bytes(adapter, shape, longest)
+    needs = stage_bytes(adapter, precision, shape, longest)
     if not windows:
         needs.pop("verification")
     out: dict[str, Any] = {"target": adapter.name, "precision": precision, "memory": needs,
@@ -155,10 +162,12 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
 
 
 def largest_model(adapter: targets.Target, memory: int) -> int:
-    """The most parameters this target converts and verifies (with a 4k window of a 200k vocabulary) in ``memory``
-    bytes, by its declared coefficients: what `phiconvert doctor` shows."""
+    """The most parameters this target converts and verifies at its default precision (with a 4k window of a 200k
+    vocabulary) in ``memory`` bytes, by its declared coefficients: what `phiconvert doctor` shows."""
+    bytes_per_weight = {"export": 2.0, "runtime": nominal_bits(adapter.default_precision) / 8}
     window = 4352 * 200064 * 4 * adapter.memory.window_logits
     fits = []
-    for (a, b), extra in ((adapter.memory.export, 0), (adapter.memory.runtime, window)):
-        fits.append((memory - b * GiB - extra) / (2 * a) if a else math.inf)
+    for stage, extra in (("export", 0), ("runtime", window)):
+        a, b = getattr(adapter.memory, stage)
+        fits.append((memory - b * GiB - extra) / (a * bytes_per_weight[stage]) if a else math.inf)
     return max(0, int(min(fits)))

@@ -58,11 +58,12 @@ class Smoke:
 
 @dataclass(frozen=True)
 class Memory:
-    """A target worker's peak RSS, as ``a`` x the source's bf16 bytes + ``b`` GiB per stage, measured at real size
-    (bench/realsize.py, Phi-4-mini's shape) for the pre-flight check: a machine too small is told before the work."""
+    """A target worker's peak RSS per stage, measured at real size (bench/realsize.py, Phi-4-mini's shape; the
+    figures in docs/realsize.md) for the pre-flight check: a machine too small is told before the work starts."""
 
-    export: tuple[float, float]
-    runtime: tuple[float, float]  # the artifact loaded in its runtime (smoke test, logits), logits excluded
+    export: tuple[float, float]  # a x the source's bf16 bytes + b GiB
+    # the artifact loaded in its runtime (smoke test, logits; logits excluded): a x its nominal bytes + b GiB
+    runtime: tuple[float, float]
     # copies of a whole window's float32 logits the runtime holds at once (0: its logits come in chunks)
     window_logits: int = 1
 
@@ -99,7 +100,8 @@ class Target:
     notes: dict[str, str] = field(default_factory=dict)
     # check(precision, options): refuse a combination the target cannot do, before any work starts
     check: Callable[[str, dict[str, Any]], None] | None = None
-    # peak memory per stage, for the pre-flight check
+    # peak memory per stage, for the pre-flight check; a target not yet measured at real size assumes the source's
+    # bf16 bytes once plus 1 GiB (gptq, awq, bnb, torchao: see docs/realsize.md)
     memory: Memory = Memory(export=(1.0, 1.0), runtime=(1.0, 1.0))
     # where the runtime is far slower on a Linux CPU than the others (a backend meant for other hardware): its
     # measured (prompt, generation) speed in weights x tokens per second, so the run says up front how long the

@@ -20,7 +20,7 @@ import numpy as np
 
 from phiconvert import progress
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Generate, Logits, Smoke, Target
+from phiconvert.targets import ExportJob, Generate, Logits, Memory, Smoke, Target
 
 # precision -> llama.cpp file type (llama_ftype) for llama_model_quantize; f16/bf16 are written directly
 QUANTIZED = {
@@ -240,6 +240,9 @@ TARGET = Target(
     smoke=smoke,
     logits=logits,
     runner=runner,
+    # measured 2026-12-02, Phi-4-mini q4_k_m: export 4.60 GiB (BF16 intermediate, then llama.cpp's quantizer),
+    # verification 5.93 GiB (the model mapped, a 512-token batch's logits)
+    memory=Memory(export=(0.6, 0.35), runtime=(1.0, 4.0), window_logits=0),
     notes={
         "q4_k_m": "4-bit K-quants, some tensors and the output/tied embedding in Q6_K: llama.cpp's usual default",
         "q5_k_m": "5-bit K-quants with the same Q6_K exceptions",
