@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -142,7 +143,8 @@ def plan_table(plan: dict[str, Any]) -> Table:
 class StageLines:
     """A bar while a stage runs (a count, its unit and an ETA once the worker reports progress; a pulse until
     then), then one permanent line with the stage's time and the worker's peak memory. Where the output is not a
-    terminal (a log, CI), the bar is a plain line every ``LOG_EVERY`` seconds instead."""
+    terminal (a log, CI), the bar is a plain line every ``LOG_EVERY`` seconds instead, also for a stage whose
+    toolchain reports nothing (a line saying how long it has run), so a log is never silent for long."""
 
     LOG_EVERY = 30.0
 
@@ -162,7 +164,37 @@ class StageLines:
         )
         self.tasks: dict[str, TaskID] = {}
         self.steps: dict[str, str] = {}
-        self.logged: dict[str, float] = {}
+        self.logged: dict[str, float] = {}  # when a stage's last plain line was printed
+        self.started: dict[str, float] = {}
+        self.stopped = threading.Event()
+        self.beat: threading.Thread | None = None
+
+    def __enter__(self) -> StageLines:
+        self.progress.__enter__()
+        if not self.console.is_terminal:
+            self.beat = threading.Thread(target=self._heartbeat, daemon=True)
+            self.beat.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stopped.set()
+        if self.beat:
+            self.beat.join()
+        self.progress.__exit__(*exc)
+
+    def _heartbeat(self) -> None:
+        """A plain line for every stage that printed none for ``LOG_EVERY`` seconds."""
+        while not self.stopped.wait(1.0):
+            now = time.monotonic()
+            for name, task in list(self.tasks.items()):
+                if now - max(self.logged.get(name, 0.0), self.started.get(name, now)) >= self.LOG_EVERY:
+                    self._log(name, task, now)
+
+    def _log(self, name: str, task: TaskID, now: float) -> None:
+        self.logged[name] = now
+        shown = next((t for t in self.progress.tasks if t.id == task), None)
+        if shown is not None:
+            self.console.print(self._plain(shown), highlight=False, soft_wrap=True)
 
     def __call__(self, event: dict[str, Any]) -> None:
         name = f"{event['label']} · {event['stage']}" if event.get("label") else event["stage"]
@@ -170,6 +202,7 @@ class StageLines:
             self.console.print(event["message"], highlight=False, soft_wrap=True)
         elif event["status"] == "start":
             self.tasks[name] = self.progress.add_task(name, total=None, unit="")
+            self.started[name] = time.monotonic()
         elif event["status"] == "progress" and name in self.tasks:
             task, what = self.tasks[name], event.get("what", "")
             if self.steps.get(name) != what:  # a toolchain's next step: its own count, its own ETA
@@ -184,11 +217,11 @@ class StageLines:
             )
             now = time.monotonic()
             if not self.console.is_terminal and now - self.logged.get(name, 0.0) >= self.LOG_EVERY:
-                self.logged[name] = now
-                shown = next(t for t in self.progress.tasks if t.id == task)
-                self.console.print(self._plain(shown), highlight=False, soft_wrap=True)
+                self._log(name, task, now)
         elif event["status"] == "done" and name in self.tasks:
             self.progress.remove_task(self.tasks.pop(name))
+            self.logged.pop(name, None)
+            self.started.pop(name, None)
             peak = f"peak {gib(event['peak_rss'])}" if event.get("peak_rss") else ""
             self.console.print(
                 f"[green]✓[/] {name:<16} {event['seconds']:7.1f} s  {peak}",
@@ -200,6 +233,8 @@ class StageLines:
     @staticmethod
     def _plain(task: Any) -> str:
         """A progress line for a log: what, how far, how long so far and how long still."""
+        if task.total is None and not task.completed:
+            return f"  {task.description}: running, {task.elapsed or 0:.0f} s so far"
         total = f"/{task.total:.0f}" if task.total else ""
         eta = f", about {task.time_remaining:.0f} s to go" if task.time_remaining is not None else ""
         done = f"{task.completed:.0f}{total} {task.fields['unit']}"
@@ -232,7 +267,7 @@ def with_stage_lines(verb: Callable[..., Any], args: argparse.Namespace) -> tupl
     """Call ``verb`` with the parsed options it mirrors (all but --json), one line per stage on stderr."""
     console = Console(stderr=True)
     lines = StageLines(console)
-    with lines.progress:
+    with lines:
         result = verb(**{k: v for k, v in vars(args).items() if k != "json"}, progress=lines)
     return result, console
 

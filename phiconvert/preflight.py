@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phiconvert import source, targets
+from phiconvert import source, targets, verify
 from phiconvert.errors import PhiconvertError
 
 GiB = 2**30
@@ -38,6 +38,7 @@ class Shape:
     vocab: int
     hidden: int
     layer_weights: int  # the largest decoder layer's weights
+    largest_tensor: int  # elements of the largest tensor (the embedding, on these models)
 
     @property
     def bf16_bytes(self) -> int:
@@ -61,6 +62,7 @@ def shape_of(src: source.Source) -> Shape:
         vocab=config["vocab_size"],
         hidden=config["hidden_size"],
         layer_weights=max(layers.values(), default=0),
+        largest_tensor=max((t.size for t in tensors.values()), default=0),
     )
 
 
@@ -69,9 +71,7 @@ def reference_bytes(shape: Shape) -> int:
 
 
 def nominal_bits(precision: str) -> float:
-    from phiconvert.verify import ALIASES
-
-    return NOMINAL_BITS.get(ALIASES.get(precision, precision), 16)
+    return NOMINAL_BITS.get(verify.ALIASES.get(precision, precision), 16)
 
 
 def artifact_bytes(precision: str, shape: Shape) -> int:
@@ -84,6 +84,7 @@ def stage_bytes(adapter: targets.Target, precision: str, shape: Shape, longest_w
     its verification logits)."""
     memory = adapter.memory
     export = memory.export[0] * shape.bf16_bytes + memory.export[1] * GiB
+    export += memory.tensor_copies * shape.largest_tensor * 4
     runtime = memory.runtime[0] * artifact_bytes(precision, shape) + memory.runtime[1] * GiB
     logits = memory.window_logits * longest_window * shape.vocab * 4
     return {"export": int(export), "verification": int(runtime + logits)}
@@ -144,8 +145,8 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
         minutes = math.ceil(tokens * shape.parameters / WEIGHT_TOKENS_PER_SECOND / 60)
         emit({"stage": "plan", "status": "note", "message": (
             f"verification runs {tokens} tokens ({', '.join(str(n) for _, n in windows)}) through the source and "
-            f"each artifact: ~{minutes} min for the source alone on a 2-core CPU; --verify quick skips the long "
-            "window")})  # fmt: skip
+            f"each artifact: ~{minutes} min for the source alone on a 2-core CPU"
+            + ("; --verify quick skips the long window" if len(windows) > len(verify.WINDOWS) else ""))})  # fmt: skip
     estimates = []
     for pair in pairs:
         estimates.append(estimate(pair.adapter, pair.precision, shape, windows, memory, disk))
@@ -163,11 +164,13 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
 
 def largest_model(adapter: targets.Target, memory: int) -> int:
     """The most parameters this target converts and verifies at its default precision (with a 4k window of a 200k
-    vocabulary) in ``memory`` bytes, by its declared coefficients: what `phiconvert doctor` shows."""
+    vocabulary, embedded in 5120 dimensions) in ``memory`` bytes, by its declared coefficients: what `phiconvert
+    doctor` shows."""
     bytes_per_weight = {"export": 2.0, "runtime": nominal_bits(adapter.default_precision) / 8}
     window = 4352 * 200064 * 4 * adapter.memory.window_logits
+    embedding = 200064 * 5120 * 4 * adapter.memory.tensor_copies
     fits = []
-    for stage, extra in (("export", 0), ("runtime", window)):
+    for stage, extra in (("export", embedding), ("runtime", window)):
         a, b = getattr(adapter.memory, stage)
         fits.append((memory - b * GiB - extra) / (a * bytes_per_weight[stage]) if a else math.inf)
     return max(0, int(min(fits)))

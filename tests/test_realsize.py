@@ -184,6 +184,26 @@ def test_progress_in_a_log_is_a_line_every_so_often():
     assert shown[1].startswith("✓ export") and "peak 1.00 GiB" in shown[1]
 
 
+def test_a_stage_with_no_progress_still_gets_a_line_in_a_log(monkeypatch):
+    """A toolchain step that reports nothing (optimum-intel's torch export) is not silent in a log."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from phiconvert.cli import StageLines
+
+    monkeypatch.setattr(StageLines, "LOG_EVERY", 0.5)
+    out = io.StringIO()
+    with StageLines(Console(file=out, width=100)) as lines:
+        lines({"stage": "export", "status": "start"})
+        time.sleep(2.5)
+        lines({"stage": "export", "status": "done", "seconds": 2.5, "peak_rss": 2**30})
+    shown = [line for line in out.getvalue().splitlines() if line]
+    assert len(shown) >= 3 and all(line.startswith("  export: running, ") for line in shown[:-1]), shown
+    assert shown[-1].startswith("✓ export")
+
+
 def test_plan_says_what_each_pair_needs_without_doing_any_work(tmp_path):
     result = run_cli("--target", "all", "--plan", "--json", "--output", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -66,6 +66,8 @@ class Memory:
     runtime: tuple[float, float]
     # copies of a whole window's float32 logits the runtime holds at once (0: its logits come in chunks)
     window_logits: int = 1
+    # float32 copies of the largest tensor the export holds besides (a toolchain that works tensor by tensor)
+    tensor_copies: float = 0
 
 
 Generate = Callable[[list[int], int], int]

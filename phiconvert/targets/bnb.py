@@ -8,6 +8,7 @@ checks that it generates exactly what the in-memory model generated.
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Any
 
@@ -51,6 +52,8 @@ def export(job: ExportJob) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(job.output)
     before, _ = hf_common.generate_ids(model, tokenizer, job.output, PROBE, PROBE_TOKENS)
+    del model  # one quantized model in memory at a time
+    gc.collect()
     reloaded = AutoModelForCausalLM.from_pretrained(job.output, device_map="cpu").eval()
     after, _ = hf_common.generate_ids(reloaded, tokenizer, job.output, PROBE, PROBE_TOKENS)
     if before != after:

@@ -240,9 +240,10 @@ TARGET = Target(
     smoke=smoke,
     logits=logits,
     runner=runner,
-    # measured 2026-12-02, Phi-4-mini q4_k_m: export 4.60 GiB (BF16 intermediate, then llama.cpp's quantizer),
-    # verification 5.93 GiB (the model mapped, a 512-token batch's logits)
-    memory=Memory(export=(0.6, 0.35), runtime=(1.0, 4.0), window_logits=0),
+    # measured 2026-12-02, q4_k_m: export 4.60 GiB on Phi-4-mini, 3.82 GiB on Phi-4, both two float32 copies of the
+    # embedding (tensor by tensor: the BF16 intermediate, then llama.cpp's quantizer); verification 5.93 / 15.62 GiB
+    # (the model mapped and repacked for the CPU, a batch's logits)
+    memory=Memory(export=(0.0, 0.2), runtime=(1.7, 2.5), window_logits=0, tensor_copies=2.0),
     notes={
         "q4_k_m": "4-bit K-quants, some tensors and the output/tied embedding in Q6_K: llama.cpp's usual default",
         "q5_k_m": "5-bit K-quants with the same Q6_K exceptions",
