@@ -103,7 +103,7 @@ class Target:
     # check(precision, options): refuse a combination the target cannot do, before any work starts
     check: Callable[[str, dict[str, Any]], None] | None = None
     # peak memory per stage, for the pre-flight check; a target not yet measured at real size assumes the source's
-    # bf16 bytes once plus 1 GiB (gptq, awq, bnb, torchao: see docs/realsize.md)
+    # bf16 bytes once plus 1 GiB (gptq, awq: see docs/realsize.md)
     memory: Memory = Memory(export=(1.0, 1.0), runtime=(1.0, 1.0))
     # where the runtime is far slower on a Linux CPU than the others (a backend meant for other hardware): its
     # measured (prompt, generation) speed in weights x tokens per second, so the run says up front how long the
