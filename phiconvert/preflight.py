@@ -165,12 +165,13 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
 def largest_model(adapter: targets.Target, memory: int) -> int:
     """The most parameters this target converts and verifies at its default precision (with a 4k window of a 200k
     vocabulary, embedded in 5120 dimensions) in ``memory`` bytes, by its declared coefficients: what `phiconvert
-    doctor` shows."""
-    bytes_per_weight = {"export": 2.0, "runtime": nominal_bits(adapter.default_precision) / 8}
-    window = 4352 * 200064 * 4 * adapter.memory.window_logits
-    embedding = 200064 * 5120 * 4 * adapter.memory.tensor_copies
-    fits = []
-    for stage, extra in (("export", embedding), ("runtime", window)):
-        a, b = getattr(adapter.memory, stage)
-        fits.append((memory - b * GiB - extra) / (a * bytes_per_weight[stage]) if a else math.inf)
+    doctor` shows. Each stage's need is linear in the parameters, so two points of ``stage_bytes`` solve it."""
+
+    def needs(parameters: int) -> dict[str, int]:
+        shape = Shape(parameters, vocab=200064, hidden=5120, layer_weights=0, largest_tensor=200064 * 5120)
+        return stage_bytes(adapter, adapter.default_precision, shape, 4352)
+
+    base, per_billion = needs(0), needs(10**9)
+    fits = [(memory - base[stage]) * 10**9 / (per_billion[stage] - base[stage])
+            if per_billion[stage] > base[stage] else math.inf for stage in base]  # fmt: skip
     return max(0, int(min(fits)))
