@@ -199,6 +199,8 @@ class StageLines:
     def __call__(self, event: dict[str, Any]) -> None:
         name = f"{event['label']} · {event['stage']}" if event.get("label") else event["stage"]
         if event["status"] == "note":
+            for running in list(self.tasks) if event.get("ended") else []:
+                self.progress.remove_task(self.tasks.pop(running))
             self.console.print(event["message"], highlight=False, soft_wrap=True)
         elif event["status"] == "start":
             self.tasks[name] = self.progress.add_task(name, total=None, unit="")

@@ -1,6 +1,7 @@
-"""Write a Hugging Face Phi3ForCausalLM checkpoint as an F16/BF16 GGUF file for llama.cpp.
+"""Write a Hugging Face checkpoint of a profiled architecture (``phiconvert.archs``) as an F16/BF16 GGUF file.
 
-Built on gguf-py's writer and its format definitions (architecture, tensor names, metadata keys). Tensors are
+Built on gguf-py's writer and its format definitions (architecture, tensor names, metadata keys); the profile names
+the GGUF architecture and whether llama.cpp's graph wants the q/k rows reordered. Tensors are
 streamed: every tensor's info goes into the header first, then each tensor is read from its safetensors file,
 converted in chunks and written before the next one is read, so peak memory is about one tensor, not the model.
 """
@@ -19,23 +20,36 @@ import gguf
 import numpy as np
 import torch
 
-from phiconvert import progress, weights
+from phiconvert import archs, progress, stops, weights
 from phiconvert.errors import PhiconvertError
 from phiconvert.source import normalise_config
-from phiconvert.targets import END_OF_TURN
 
-# Byte-level BPE split regexes (tokenizer.json pre_tokenizer) -> llama.cpp pre-tokenizer name (llama-vocab.cpp).
-# o200k: Phi-4-mini (tiktoken's GPT-4o regex); cl100k: Phi-4 (GPT-4 regex, as DBRX: no ignore_merges).
-O200K_REGEX = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-CL100K_REGEX = (
+# llama.cpp's byte-level BPE pre-tokenizers (llama-vocab.cpp): name -> (its split regex, whether whole-word tokens
+# skip the merges). The source's pre-tokenizer is matched by behaviour: how it splits PROBE_TEXT, and its
+# ignore_merges, not by the spelling of its regex. o200k: Phi-4-mini; cl100k: Phi-4 (as DBRX) and Llama-3.
+CL100K = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZERS = {O200K_REGEX: "gpt-4o", CL100K_REGEX: "dbrx"}
+PRE_TOKENIZERS = {
+    "gpt-4o": (
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        False,
+    ),
+    "llama-bpe": (CL100K, True),
+    "dbrx": (CL100K, False),
+    "qwen2": (CL100K.replace(r"\p{N}{1,3}", r"\p{N}"), False),
+    "gpt-2": (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+", False),
+}
+# Text on which the pre-tokenizers above split differently: cased contractions, digit runs, letters of several
+# scripts and marks, punctuation runs, slashes, and every kind of whitespace run.
+PROBE_TEXT = (
+    "I'M sure you'Re right, they'll say: 3 33 333 3333 1234567 -- ok!? ... a/b/c\n\n  x\t\ty \r\n"
+    "Ünïcödé naïve café ÀÉÎÕÜ Ωmega ελληνικά русский 中文字符 日本語 한국어 عربي 🦙🦙 e\u0301 CamelCaseWord "
+    "snake_case_word ALLCAPS 12ab34 $100.00 #hash @user\n   \n"
+)
 
 # Output dtype -> (GGUF type of the 2-D weights, general.file_type)
 DTYPES = {
@@ -62,18 +76,19 @@ class Planned:
     shape: tuple[int, ...]
     source: weights.Tensor | None = None
     array: np.ndarray | None = None
+    permute: int = 0  # heads whose q/k rows are reordered for llama.cpp's rope (0: written as they are)
 
 
 def write_gguf(source: Path, path: Path, dtype: str = "f16") -> dict[str, Any]:
     """Convert the checkpoint in ``source`` to ``path``; returns what was written, for the report."""
     config = normalise_config(json.loads((source / "config.json").read_text()))  # either layout -> hub layout
-    if config.get("model_type") != "phi3":
-        raise PhiconvertError(f"GGUF export supports Phi3ForCausalLM only, not model_type {config.get('model_type')!r}")
+    profile = archs.profile(config)
+    arch = getattr(gguf.MODEL_ARCH, profile.gguf_arch)
     qtype, ftype = DTYPES[dtype]
-    plan = _plan_tensors(config, weights.index(source), qtype)
+    plan = _plan_tensors(config, weights.index(source), qtype, arch, profile.permute_qk)
     n_vocab = next(p.shape[0] for p in plan if p.name == "token_embd.weight")
 
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3])
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     details = _add_hparams(writer, config)
@@ -85,32 +100,52 @@ def write_gguf(source: Path, path: Path, dtype: str = "f16") -> dict[str, Any]:
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for p in progress.track(plan, unit="tensors", what="write GGUF"):
-        writer.write_tensor_data(p.array if p.array is not None else _convert(p.source, p.qtype))
+        data = p.array if p.array is not None else _convert(p.source, p.qtype)
+        writer.write_tensor_data(_permute(data, p.permute) if p.permute else data)
     writer.close()
-    return {"tensors": len(plan), "file_type": ftype.name, **details}
+    return {"tensors": len(plan), "file_type": ftype.name, "architecture": gguf.MODEL_ARCH_NAMES[arch], **details}
 
 
 def _plan_tensors(
-    config: dict[str, Any], tensors: dict[str, weights.Tensor], qtype: gguf.GGMLQuantizationType
+    config: dict[str, Any],
+    tensors: dict[str, weights.Tensor],
+    qtype: gguf.GGMLQuantizationType,
+    arch: gguf.MODEL_ARCH,
+    permute_qk: bool,
 ) -> list[Planned]:
     """GGUF names and types: 2-D weights in the output dtype, norms and rope factors in F32 (as llama.cpp expects)."""
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    heads = {"q_proj": config["num_attention_heads"]}
+    heads["k_proj"] = config.get("num_key_value_heads") or heads["q_proj"]
     plan = [Planned(name, gguf.GGMLQuantizationType.F32, a.shape, array=a) for name, a in _rope_factors(config)]
     for hf_name, tensor in tensors.items():
         if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue  # tied: llama.cpp reuses token_embd when output.weight is absent
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise PhiconvertError(f"unexpected tensor {hf_name!r} in a Phi3ForCausalLM checkpoint")
+            raise PhiconvertError(f"unexpected tensor {hf_name!r} for GGUF architecture {gguf.MODEL_ARCH_NAMES[arch]}")
         kind = qtype if len(tensor.shape) > 1 else gguf.GGMLQuantizationType.F32
-        plan.append(Planned(name, kind, tensor.shape, tensor))
+        projection = hf_name.rsplit(".", 2)[-2]
+        permute = heads.get(projection, 0) if permute_qk else 0
+        plan.append(Planned(name, kind, tensor.shape, tensor, permute=permute))
     return plan
 
 
+def _permute(data: np.ndarray, heads: int) -> np.ndarray:
+    """Rows of each head from transformers' rotate-half order to the adjacent pairs llama.cpp's rope rotates
+    (row i of a head's first half and row i of its second half become rows 2i and 2i+1)."""
+    shape = data.shape
+    return data.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
 def _rope_factors(config: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
-    """LongRoPE's per-frequency factors become two small F32 tensors llama.cpp picks between."""
+    """Rope factors llama.cpp reads as tensors: LongRoPE's two sets (it picks one by context length), and llama3's
+    per-frequency divisors (transformers' own llama3 frequencies against the unscaled ones)."""
     scaling = config.get("rope_scaling") or {}
-    if scaling.get("type", scaling.get("rope_type")) not in ("longrope", "su"):
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind == "llama3":
+        return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_factors(config))]
+    if kind not in ("longrope", "su"):
         return []
     long_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
     short_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
@@ -120,8 +155,31 @@ def _rope_factors(config: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
     ]
 
 
+def _llama3_factors(config: dict[str, Any]) -> np.ndarray:
+    """llama.cpp divides each rotary frequency by its factor: the unscaled frequencies over llama3's, both as
+    transformers computes them."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    base = config.get("rope_theta", 10000.0)
+    scaling = {k: v for k, v in config["rope_scaling"].items() if k != "type"}
+    scaled = AutoConfig.for_model(
+        config["model_type"],
+        hidden_size=config["hidden_size"],
+        num_attention_heads=config["num_attention_heads"],
+        head_dim=head_dim,
+        max_position_embeddings=config["max_position_embeddings"],
+        rope_parameters={**scaling, "rope_type": "llama3", "rope_theta": base},
+    )
+    scaled_freqs, _ = ROPE_INIT_FUNCTIONS["llama3"](scaled)
+    plain_freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    return (plain_freqs / scaled_freqs).numpy().astype(np.float32)
+
+
 def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> dict[str, Any]:
-    """Model hyperparameters in llama.cpp's phi3 keys; returns the rope settings for the report."""
+    """Model hyperparameters in llama.cpp's keys for the writer's architecture; returns the rope settings for the
+    report."""
     n_head = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     rope_dim = int(config.get("partial_rotary_factor", 1.0) * head_dim)
@@ -136,14 +194,16 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> dict[str, A
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_dimension_count(rope_dim)
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
-    if isinstance(config.get("sliding_window"), int):
+    if isinstance(config.get("sliding_window"), int) and config.get("use_sliding_window", True):
         writer.add_sliding_window(config["sliding_window"])
     details: dict[str, Any] = {"rope_dimension_count": rope_dim, "rope_scaling": None}
     scaling = config.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("type", scaling.get("rope_type"))
+    kind = scaling.get("type", scaling.get("rope_type")) if scaling else None
+    if kind == "llama3":
+        details["rope_scaling"] = {"type": "llama3", "factor": scaling["factor"], "as": "rope_freqs.weight"}
+    elif kind:
         if kind not in ("longrope", "su"):
-            raise PhiconvertError(f"rope_scaling type {kind!r} is not supported for GGUF (only longrope)")
+            raise PhiconvertError(f"rope_scaling type {kind!r} is not supported for GGUF (longrope and llama3 are)")
         original = config.get("original_max_position_embeddings") or scaling["original_max_position_embeddings"]
         attn_factor = _longrope_attention_factor(scaling, config["max_position_embeddings"], original)
         writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
@@ -178,12 +238,16 @@ def _add_tokenizer(writer: gguf.GGUFWriter, source: Path, n_vocab: int) -> dict[
     writer.add_token_list(tokens)
     writer.add_token_types(types)
 
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
     special = gguf.SpecialVocab(source, load_merges=model == "gpt2", n_vocab=n_vocab)
-    add_bos, add_eos = _adds_special_tokens(source)
+    add_bos, add_eos = _adds_special_tokens(tokenizer)
     special.add_special_token.update(bos=add_bos, eos=add_eos)
     special.add_to_gguf(writer, quiet=True)
-    if END_OF_TURN in tokens:
-        writer.add_eot_token_id(tokens.index(END_OF_TURN))
+    end_of_turn = stops.end_of_turn(tokenizer)
+    if end_of_turn in tokens:
+        writer.add_eot_token_id(tokens.index(end_of_turn))
     if special.chat_template is None:
         raise PhiconvertError(f"no chat template in {source} (tokenizer_config.json or chat_template.jinja)")
     return {
@@ -191,6 +255,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, source: Path, n_vocab: int) -> dict[
         "tokenizer_model": model,
         "tokenizer_pre": pre,
         "add_bos_token": add_bos,
+        "end_of_turn": end_of_turn,
         "vocab_size": n_vocab,
     }
 
@@ -274,24 +339,26 @@ def _pad(tokens: list[str], upto: int, scores: list[float], types: list[Any]) ->
 
 
 def _pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
-    """llama.cpp's name for the source's byte-level BPE pre-tokenizer, recognised by its split regex."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre])
-    regexes = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
-    if len(regexes) == 1 and regexes[0] in PRE_TOKENIZERS:
-        return PRE_TOKENIZERS[regexes[0]]
-    described = regexes[0] if len(regexes) == 1 and regexes[0] else "+".join(p.get("type", "?") for p in parts)
+    """llama.cpp's name for the source's byte-level BPE pre-tokenizer: the one that splits PROBE_TEXT exactly as the
+    source's pre-tokenizer does and agrees on ignore_merges (so a regex written differently still matches)."""
+    import regex
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(json.dumps(tokenizer_json))
+    text = tok.normalizer.normalize_str(PROBE_TEXT) if tok.normalizer else PROBE_TEXT
+    spans = [span for _, span in tok.pre_tokenizer.pre_tokenize_str(text)] if tok.pre_tokenizer else [(0, len(text))]
+    ignore_merges = bool(tokenizer_json.get("model", {}).get("ignore_merges"))
+    for name, (pattern, ignores) in PRE_TOKENIZERS.items():
+        if ignores == ignore_merges and spans == [m.span() for m in regex.finditer(pattern, text)]:
+            return name
     raise PhiconvertError(
-        f"unknown tokenizer pre-tokenizer '{described}': no llama.cpp pre-tokenizer is known to match it "
-        f"(supported: o200k as 'gpt-4o', cl100k as 'dbrx')"
+        f"the tokenizer's pre-tokenizer splits text like none of llama.cpp's ({', '.join(PRE_TOKENIZERS)}): "
+        "a GGUF of it would tokenize differently from the source"
     )
 
 
-def _adds_special_tokens(source: Path) -> tuple[bool, bool]:
+def _adds_special_tokens(tok: Any) -> tuple[bool, bool]:
     """Whether the source tokenizer itself prepends BOS / appends EOS; llama.cpp must do exactly the same."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(source)
     with_special = tok("a").input_ids
     plain = tok("a", add_special_tokens=False).input_ids
     add_bos = tok.bos_token_id is not None and with_special[:1] == [tok.bos_token_id] != plain[:1]

@@ -275,7 +275,8 @@ def convert_pair(
         result = run_worker(pair.python, job, work, pair.target, emit)
         built = timed_stage(emit, "verify", _report, src, pair, artifact, reference, result, work, skipped_windows)
     except PhiconvertError as error:
-        emit({"stage": "convert", "status": "note", "message": f"✗ {pair.label}: {error}"})
+        # "ended": the worker's stage that failed sent no "done"; the display stops showing it as running
+        emit({"stage": "convert", "status": "note", "message": f"✗ {pair.label}: {error}", "ended": True})
         shutil.rmtree(artifact, ignore_errors=True)
         return {**row, "status": "failed", "error": str(error)}
     finally:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phiconvert import archs
 from phiconvert.errors import PhiconvertError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -22,8 +23,6 @@ BUNDLED_PREFIX = "bundled:"
 DEFAULT_MODEL = BUNDLED_PREFIX + "tiny-phi4mini"
 HELDOUT = FIXTURES / "heldout.txt"  # the text every artifact's logits are compared on
 CALIBRATION = FIXTURES / "calibration.txt"  # data-aware quantization's default samples
-SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM",)
-PLANNED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.py"]
 # Keys transformers 5 moves under `rope_parameters` that hub configs keep at the top level.
 TOP_LEVEL_ROPE_KEYS = ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings")
@@ -42,7 +41,7 @@ class Source:
 
 
 def bundled(name: str) -> Path:
-    """Path of a checkpoint shipped with phiconvert (tiny-phi3, tiny-phi4mini)."""
+    """Path of a checkpoint shipped with phiconvert (tiny-phi3, tiny-phi4mini, tiny-llama, tiny-qwen)."""
     path = FIXTURES / name
     if not (path / "config.json").is_file():
         shipped = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
@@ -64,7 +63,7 @@ def resolve(model: str | None) -> Source:
     else:
         path = _download(model)
     config = read_config(path)
-    check_architecture(config, model)
+    archs.profile(normalise_config(config), model)
     check_weights(path)
     layout = "transformers5" if "rope_parameters" in config else "hub"
     return Source(model=model, path=path, config=config, layout=layout)
@@ -106,15 +105,6 @@ def read_config(path: Path) -> dict[str, Any]:
         return json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PhiconvertError(f"{config_path} is not valid JSON: {error}") from None
-
-
-def check_architecture(config: dict[str, Any], model: str) -> None:
-    architectures = config.get("architectures") or [f"model_type={config.get('model_type')}"]
-    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
-        raise PhiconvertError(
-            f"'{model}' is {', '.join(architectures)}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            f"(Phi-3/3.5-mini, Phi-4-mini, Phi-4); planned: {', '.join(PLANNED_ARCHITECTURES)}"
-        )
 
 
 def check_weights(path: Path) -> None:

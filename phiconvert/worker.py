@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from phiconvert import progress
+from phiconvert import progress, stops
 from phiconvert.errors import PhiconvertError
 
 
@@ -70,15 +70,6 @@ def timed_stage(send: Send, name: str, fn: Callable, *args: Any) -> Any:
     return result
 
 
-def end_ids(folder: Path, tokenizer: Any) -> set[int]:
-    """Ids that end a chat reply: generation_config.json's eos ids (chat models list their end-of-turn token
-    there), else the tokenizer's eos."""
-    config = folder / "generation_config.json"
-    eos = json.loads(config.read_text()).get("eos_token_id") if config.exists() else None
-    eos = tokenizer.eos_token_id if eos is None else eos
-    return set(eos if isinstance(eos, list) else [eos]) - {None}
-
-
 def run_reference(job: dict[str, Any], send: Send) -> dict[str, Any]:
     """Tokenise the held-out windows and write the source's float32 log-probabilities of each (one file each)."""
     import torch
@@ -114,7 +105,7 @@ def run_source_chat(job: dict[str, Any], send: Send) -> dict[str, Any]:
     source = Path(job["source"])
     tokenizer = AutoTokenizer.from_pretrained(source)
     prompt = tokenizer.apply_chat_template(job["messages"], add_generation_prompt=True, return_dict=True)
-    stop = end_ids(source, tokenizer)
+    stop = set(stops.stop_ids(source, tokenizer))
     model = timed_stage(send, "load source", SourceModel, source)
 
     def chat() -> list[int]:

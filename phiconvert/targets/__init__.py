@@ -18,8 +18,6 @@ import numpy as np
 
 from phiconvert.errors import PhiconvertError
 
-# Phi's end-of-turn token: every artifact must stop generating on it (its runtime's stop ids are checked for it).
-END_OF_TURN = "<|end|>"
 # Target name -> module under phiconvert.targets. Adding a target adds one line here and one module.
 MODULES = {
     "openvino": "openvino",

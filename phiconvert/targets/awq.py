@@ -1,8 +1,9 @@
 """AWQ checkpoints (Hugging Face / AutoAWQ "gemm" layout), quantized with AutoRound's AWQ: activation-aware
 channel scaling and clipping searched on the calibration text, then round-to-nearest of the scaled weights.
 
-AutoRound has Phi-3 mappings for the fused layers (input_layernorm -> qkv_proj, qkv_proj -> o_proj,
-post_attention_layernorm -> gate_up_proj, gate_up_proj -> down_proj), so the checkpoint keeps them fused.
+AutoRound has mappings for Phi-3's fused layers (input_layernorm -> qkv_proj, qkv_proj -> o_proj,
+post_attention_layernorm -> gate_up_proj, gate_up_proj -> down_proj), so the checkpoint keeps them fused, and for the
+split projections of Llama and Qwen.
 transformers loads AWQ through gptqmodel, like GPTQ, so this target shares the managed `gptq` environment.
 """
 
@@ -79,12 +80,14 @@ def export(job: ExportJob) -> dict[str, Any]:
         "settings": {k: config.get(k) for k in ("bits", "group_size", "zero_point", "version")} | {"device": device},
         "calibration": {"chunks": len(chunks), "tokens_per_chunk": len(chunks[0])},
         "kept_in_float16": ["model.embed_tokens", *not_converted, "norms"],
-        # AutoRound cannot fold a scale into part of a fused layer's outputs, so it does not scale the layers fed by
-        # Phi-3's qkv_proj and gate_up_proj (o_proj, down_proj): those are clipped and rounded without AWQ scaling
+        # AutoRound folds a scale into the previous layer's outputs only where they match the next layer's inputs:
+        # not into part of Phi-3's fused qkv_proj / gate_up_proj, nor a GQA v_proj (fewer outputs than o_proj has
+        # inputs), so the layers those feed are clipped and rounded without AWQ scaling
         "awq_not_applied_after": skipped.layers,
         "caveats": [
-            f"AWQ scaling not applied after {len(skipped.layers)} fused layers (qkv_proj, gate_up_proj): "
-            "o_proj and down_proj are clipped and rounded only"
+            f"AWQ scaling not applied after {len(skipped.layers)} layers "
+            f"({', '.join(sorted({name.rsplit('.', 1)[-1] for name in skipped.layers}))}): the layers they feed are "
+            "clipped and rounded only"
         ]
         if skipped.layers
         else [],

@@ -123,8 +123,9 @@ def _open(path: Path, n_tokens: int, batch: int | None = None) -> Any:
 
     n_ctx = max(n_tokens, 1)
     padded = math.ceil(n_ctx / CONTEXT_PAD) * CONTEXT_PAD
-    key = gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch="phi3")
-    field = gguf.GGUFReader(path).get_field(key)
+    reader = gguf.GGUFReader(path)
+    key = gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=_architecture(reader))
+    field = reader.get_field(key)
     overrides = None
     if field is not None and n_tokens <= int(field.contents()) < padded:
         overrides = {key: padded}
@@ -155,7 +156,9 @@ def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -
     path = _gguf_file(artifact)
     probe = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     template = probe.metadata.get("tokenizer.chat_template", "")
-    prompt = probe.tokenize(_render(template, messages, probe).encode(), add_bos=True, special=True)
+    rendered, bos = _render(template, messages, probe)
+    # a template that writes BOS itself (Llama-3's) must not get a second one from the tokenizer
+    prompt = probe.tokenize(rendered.encode(), add_bos=not (bos and rendered.startswith(bos)), special=True)
     llm = _open(path, len(prompt) + max_new_tokens)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     new: list[int] = []
@@ -170,13 +173,20 @@ def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -
     return Smoke(text=text, tokens=len(new), stopped_at_eot=stopped, ids=new)
 
 
-def _render(template: str, messages: list[dict[str, str]], llm: Any) -> str:
-    """The chat prompt as llama-cpp-python renders it from the GGUF's template (to size the context)."""
+def _render(template: str, messages: list[dict[str, str]], llm: Any) -> tuple[str, str]:
+    """The chat prompt as llama-cpp-python renders it from the GGUF's template, and the BOS text."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="ignore")
+    bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="ignore") if llm.token_bos() >= 0 else ""
     eos = llm.detokenize([llm.token_eos()], special=True).decode(errors="ignore")
-    return Jinja2ChatFormatter(template=template, bos_token=bos, eos_token=eos)(messages=messages).prompt
+    return Jinja2ChatFormatter(template=template, bos_token=bos, eos_token=eos)(messages=messages).prompt, bos
+
+
+def _architecture(reader: Any) -> str:
+    """general.architecture of an open GGUF file (the prefix of its model keys)."""
+    import gguf
+
+    return reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
 
 
 def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
@@ -213,7 +223,8 @@ def runner(artifact: Path) -> Generate:
     from llama_cpp import Llama
 
     path = _gguf_file(artifact)
-    trained = gguf.GGUFReader(path).get_field(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch="phi3"))
+    reader = gguf.GGUFReader(path)
+    trained = reader.get_field(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=_architecture(reader)))
     n_ctx = min(2048, int(trained.contents())) if trained is not None else 2048
     llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
 

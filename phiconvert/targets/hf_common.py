@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from phiconvert import stops
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import END_OF_TURN, Generate, Logits, Smoke
+from phiconvert.targets import Generate, Logits, Smoke
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOGITS_CHUNK = 512  # positions whose logits are computed at a time
@@ -81,28 +82,12 @@ def calibration_chunks(tokenizer: Any, texts: list[str], length: int, count: int
     return chunks or [ids]
 
 
-def end_of_turn_ids(artifact: Path, tokenizer: Any) -> list[int]:
-    """Token ids that end a reply: the generation config's eos ids (Phi chat models list `<|end|>` there)."""
-    from transformers import GenerationConfig
-
-    ids: list[int] = []
-    if (artifact / "generation_config.json").exists():
-        eos = GenerationConfig.from_pretrained(artifact).eos_token_id
-        ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
-    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if isinstance(end, int) and end != tokenizer.unk_token_id and end not in ids:
-        ids.append(end)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 def generate_ids(model: Any, tokenizer: Any, artifact: Path, messages: list[dict[str, str]], max_new_tokens: int):
     """Greedy continuation of the artifact's own chat template; returns (new token ids, end-of-turn ids)."""
     import torch
 
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    eos = end_of_turn_ids(artifact, tokenizer)
+    eos = stops.stop_ids(artifact, tokenizer)
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt], device=model.device),

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import END_OF_TURN, ExportJob, Generate, Logits, Memory, Smoke, Target
+from phiconvert.targets import ExportJob, Generate, Logits, Memory, Smoke, Target
 
 # precision -> (bits, dtype of the float weights); bits None = not quantized, dtype None = the source's dtype
 PRECISIONS = {"4bit": (4, None), "8bit": (8, None), "fp16": (None, "float16"), "bf16": (None, "bfloat16")}
@@ -124,16 +124,12 @@ def _convert_gptq(source: Path, built: Path, settings: dict[str, Any], calibrati
 
 def _ensure_end_of_turn(artifact: Path) -> None:
     """Make mlx-lm stop at the end-of-turn token: it stops on generation_config.json's eos ids (else config's)."""
-    from mlx_lm.utils import load_config
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(artifact)
-    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    eot = tokenizer.eos_token_id if eot is None or eot == tokenizer.unk_token_id else eot
-    eos = load_config(artifact).get("eos_token_id")
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if eot not in eos:
-        eos.append(eot)
+    from phiconvert import stops
+
+    eos = stops.stop_ids(artifact, AutoTokenizer.from_pretrained(artifact))
+    if eos != stops.generation_eos(artifact):
         path = artifact / "generation_config.json"
         generation = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**generation, "eos_token_id": eos}, indent=2) + "\n")

@@ -23,7 +23,7 @@ import numpy as np
 from phiconvert import progress
 from phiconvert.errors import PhiconvertError
 from phiconvert.source import parameter_count
-from phiconvert.targets import END_OF_TURN, ExportJob, Generate, Logits, Memory, Smoke, Target
+from phiconvert.targets import ExportJob, Generate, Logits, Memory, Smoke, Target
 
 # Precisions the builder makes per execution provider. There is no CPU fp16: the builder's CPU fp16 graph
 # (MultiHeadAttention with repeat_kv, GroupQueryAttention being fp32-only there) fails at the first decode step.
@@ -209,7 +209,9 @@ def prequantize(job: ExportJob, settings: dict[str, Any], config: dict[str, Any]
     chosen = gptq.Settings(bits=bits, group_size=settings["group_size"], sym=settings["sym"], desc_act=False)
     eight = gptq.Settings(bits=8, group_size=settings["group_size"], sym=settings["sym"], desc_act=False)
     promoted = set(mixed_layers(config["num_hidden_layers"])) if settings.get("int4_algo") == "gptq_mixed" else set()
-    sensitive = ("qkv_proj", "v_proj", "down_proj")
+    # llama.cpp promotes the value projection; where q/k/v are separate (Llama, Qwen) the builder fuses them when their
+    # bits agree, and a model with fused and unfused layers fails to load (onnxruntime-genai 0.18): all three go
+    sensitive = ("qkv_proj", "q_proj", "k_proj", "v_proj", "down_proj")
 
     def settings_of(name: str) -> gptq.Settings:
         layer = int(name.split(".")[2])
@@ -249,18 +251,19 @@ def prequantize(job: ExportJob, settings: dict[str, Any], config: dict[str, Any]
 
 
 def ensure_end_of_turn(artifact: Path) -> list[int]:
-    """Make genai_config.json stop generation at ``<|end|>`` even when the source's configs name only eos."""
+    """Make genai_config.json stop generation at every stop id of the model (its end-of-turn token included) even
+    when the source's configs name only eos."""
     from transformers import AutoTokenizer
+
+    from phiconvert import stops
 
     config_file = artifact / "genai_config.json"
     config = json.loads(config_file.read_text())
     eos = config["model"]["eos_token_id"]
     eos = eos if isinstance(eos, list) else [eos]
-    vocab = AutoTokenizer.from_pretrained(artifact).get_vocab()
-    if END_OF_TURN not in vocab:
-        raise PhiconvertError(f"the tokenizer has no {END_OF_TURN} token: not a Phi chat model")
-    if vocab[END_OF_TURN] not in eos:
-        eos = [vocab[END_OF_TURN], *eos]
+    wanted = stops.stop_ids(artifact, AutoTokenizer.from_pretrained(artifact))
+    if set(wanted) - set(eos):
+        eos = eos + [i for i in wanted if i not in eos]
         config["model"]["eos_token_id"] = eos
         config_file.write_text(json.dumps(config, indent=4) + "\n")
     return eos

@@ -43,8 +43,15 @@ def quantization_config(chosen: dict[str, Any]) -> Any:
     )
     embedding = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
     return TorchAoConfig(
+        # transformers applies a module's config to each of its parameters as it loads them: a projection's bias
+        # (Qwen2's q/k/v) must be named first and left alone, or it is "quantized" as a 1-D weight and fails
         quant_type=FqnToConfig(
-            {"model.embed_tokens": embedding, "lm_head": linear, r"re:model\.layers\.\d+\..*_proj": linear}
+            {
+                "model.embed_tokens": embedding,
+                "lm_head": linear,
+                r"re:model\.layers\.\d+\..*_proj\.bias": None,
+                r"re:model\.layers\.\d+\..*_proj": linear,
+            }  # fmt: skip
         ),
         include_input_output_embeddings=True,
         modules_to_not_convert=[],
