@@ -1,12 +1,15 @@
-"""Build the two tiny, trained Phi-family test fixtures shipped in phiconvert/fixtures/.
+"""Build the tiny, trained test fixtures shipped in phiconvert/fixtures/: two Phi-family models, a Llama-3 and a
+Qwen2.
 
-Real Phi checkpoints are gigabytes, and random tiny models give perplexity close to the vocab size, so a
-quantization delta on them means nothing.  This script instead trains two small models (shaped like
-Phi-3-mini-4k-instruct and Phi-4-mini-instruct) for a few minutes on Python's own reference text
-(`pydoc_data.topics`), with real tokenizers trained on the same text, and checks the rules the converters rely
-on.  Everything is seeded: rerunning it on the same machine rebuilds the same files.
+Real checkpoints are gigabytes, and random tiny models give perplexity close to the vocab size, so a
+quantization delta on them means nothing.  This script instead trains small models (shaped like
+Phi-3-mini-4k-instruct, Phi-4-mini-instruct, Llama-3.1-8B-Instruct and Qwen2.5-0.5B-Instruct) for a few minutes on
+Python's own reference text (`pydoc_data.topics`), with real tokenizers trained on the same text, and checks the
+rules the converters rely on.  Everything is seeded, but the trained weights are not bit-reproducible across torch
+builds (tokenizers, configs and the measured numbers are): `NAME...` rebuilds only the fixtures named.
 
-Run: python scripts/build_fixtures.py   (about 6 minutes on 2 idle CPU cores, 1.5 GB of memory)
+Run: python scripts/build_fixtures.py [NAME...]   (about 3 minutes per fixture on 2 idle CPU cores, 1.5 GB)
+The numbers of every build go into fixtures/build.json, from which fixtures/README.md is written.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -116,6 +120,30 @@ O200K_PATTERN = "|".join(
     ]
 )
 
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Llama-3-Instruct's template (BOS first, a header per turn, <|eot_id|> after each) and Qwen2's ChatML.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Llama-3's pre-tokenizer regex (cl100k's, digits in threes) and Qwen2's (the same with single digits).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+# Llama-3.1's rope scaling, with the original context shrunk to the fixture's size so that it is live on short
+# inputs: wavelengths over 128 positions are stretched 8x, under 32 kept, smoothed between.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 128}  # fmt: skip
+
 # LongRoPE factors for the Phi-4-mini fixture: one per rotary frequency pair (rotary dim 48 -> 24).  Short
 # factors stay near 1, long factors rise to 8, so a backend that applies the wrong set is easy to spot.
 ROTARY_PAIRS = int(HIDDEN // HEADS * 0.75) // 2
@@ -125,17 +153,29 @@ LONG_FACTOR = [round(1.0 + 7.0 * (i / (ROTARY_PAIRS - 1)) ** 1.5, 4) for i in ra
 
 @dataclass
 class Spec:
-    """What differs between the two fixtures."""
+    """What differs between the fixtures."""
 
     name: str
     kv_heads: int
     tied: bool
     steps: int
     lr: float
+    specials: tuple[str, ...] = PHI4_SPECIALS
+    end: str = "<|end|>"  # the end-of-turn token a reply stops at
+    separator: str = "<|endoftext|>"  # between plain-text training documents
+    rendered: str = "<|user|>hi<|end|><|assistant|>"  # the template's rendering of one "hi" with generation prompt
 
 
-PHI3 = Spec(name="tiny-phi3", kv_heads=4, tied=False, steps=120, lr=3e-3)
+PHI3 = Spec(name="tiny-phi3", kv_heads=4, tied=False, steps=120, lr=3e-3, specials=PHI3_SPECIALS,
+            rendered="<|user|>\nhi<|end|>\n<|assistant|>\n")  # fmt: skip
 PHI4 = Spec(name="tiny-phi4mini", kv_heads=2, tied=True, steps=120, lr=3e-3)
+LLAMA = Spec(name="tiny-llama", kv_heads=2, tied=False, steps=120, lr=3e-3, specials=LLAMA3_SPECIALS, end="<|eot_id|>",
+             separator="<|end_of_text|>",
+             rendered="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n")  # fmt: skip
+QWEN = Spec(name="tiny-qwen", kv_heads=2, tied=True, steps=120, lr=3e-3, specials=QWEN2_SPECIALS, end="<|im_end|>",
+            rendered="<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+SPECS = (PHI3, PHI4, LLAMA, QWEN)
 
 
 @dataclass
@@ -339,13 +379,14 @@ def sentencepiece_to_tokenizer(sp_model: Path) -> Tokenizer:
     return tok
 
 
-def train_bytelevel_bpe(docs: list[str]) -> Tokenizer:
-    """Train a byte-level BPE with Phi-4-mini's pre-tokenizer style (o200k regex split, then ByteLevel)."""
-    tok = Tokenizer(models.BPE())
+def train_bytelevel_bpe(docs: list[str], pattern: str = O200K_PATTERN, ignore_merges: bool = False) -> Tokenizer:
+    """Train a byte-level BPE with a regex split then ByteLevel (Phi-4-mini's, Llama-3's and Qwen2's style);
+    ``ignore_merges``: a word that is a whole token is not split by the merges (Llama-3's tokenizer.json)."""
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
     tok.normalizer = None
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -357,11 +398,15 @@ def train_bytelevel_bpe(docs: list[str]) -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(docs, trainer=trainer)
+    if ignore_merges:  # training gives a fresh model: carry the flag over
+        model = json.loads(tok.to_str())["model"]
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        tok.model = models.BPE(vocab=model["vocab"], merges=merges, ignore_merges=True)
     return tok
 
 
 def wrap_tokenizer(
-    tok: Tokenizer, specials: tuple[str, ...], template: str, **kwargs: object
+    tok: Tokenizer, specials: tuple[str, ...], template: str, add_bos: bool = False, **kwargs: object
 ) -> PreTrainedTokenizerFast:
     """Append the special tokens after the trained vocab and wrap as a transformers tokenizer."""
     base = tok.get_vocab_size()
@@ -370,7 +415,7 @@ def wrap_tokenizer(
     )
     for offset, token in enumerate(specials):
         assert tok.token_to_id(token) == base + offset, token
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, add_bos_token=False, add_eos_token=False, **kwargs)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, add_bos_token=add_bos, add_eos_token=False, **kwargs)
     hf.chat_template = template
     return hf
 
@@ -406,11 +451,58 @@ def phi4_tokenizer(docs: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
+def llama_tokenizer(docs: list[str]) -> PreTrainedTokenizerFast:
+    """Llama-3-style tokenizer: byte-level BPE (Llama-3 regex, ignore_merges), its header/turn tokens, and BOS
+    prepended by the tokenizer itself (a TemplateProcessing post-processor, as Llama-3's tokenizer.json has)."""
+    from tokenizers import processors
+
+    bpe = train_bytelevel_bpe(docs, LLAMA3_PATTERN, ignore_merges=True)
+    bos_id = bpe.get_vocab_size()
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos_id)],
+    )  # fmt: skip
+    return wrap_tokenizer(
+        bpe,
+        LLAMA3_SPECIALS,
+        LLAMA3_TEMPLATE,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
+        add_bos=True,
+    )
+
+
+def qwen_tokenizer(docs: list[str]) -> PreTrainedTokenizerFast:
+    """Qwen2-style tokenizer: NFC, byte-level BPE with single-digit splits, ChatML tokens, no BOS."""
+    bpe = train_bytelevel_bpe(docs, QWEN2_PATTERN)
+    bpe.normalizer = normalizers.NFC()
+    return wrap_tokenizer(
+        bpe,
+        QWEN2_SPECIALS,
+        QWEN2_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def tokenizer_for(spec: Spec, corpus: Corpus, sp_model: Path) -> PreTrainedTokenizerFast:
+    texts = tokenizer_texts(corpus)
+    makers = {"tiny-phi3": lambda: phi3_tokenizer(sp_model), "tiny-phi4mini": lambda: phi4_tokenizer(texts),
+              "tiny-llama": lambda: llama_tokenizer(texts), "tiny-qwen": lambda: qwen_tokenizer(texts)}  # fmt: skip
+    return makers[spec.name]()
+
+
 # ------------------------------------------------------------------------------------------------------ model
 
 
-def make_config(spec: Spec, tok: PreTrainedTokenizerFast) -> Phi3Config:
+def make_config(spec: Spec, tok: PreTrainedTokenizerFast) -> transformers.PretrainedConfig:
     """Transformers-5 config for one fixture; vocab_size is exactly len(tokenizer)."""
+    if spec.name in (LLAMA.name, QWEN.name):
+        return other_config(spec, tok)
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     common = dict(
         vocab_size=len(tok),
@@ -451,8 +543,46 @@ def make_config(spec: Spec, tok: PreTrainedTokenizerFast) -> Phi3Config:
     )
 
 
-def hub_config(spec: Spec, config: Phi3Config) -> dict[str, object]:
-    """config.json in the layout of Microsoft's hub repos (transformers 4: top-level rope keys, rope_scaling.type)."""
+def other_config(spec: Spec, tok: PreTrainedTokenizerFast) -> transformers.PretrainedConfig:
+    """tiny-llama (GQA, untied, llama3 rope scaling, theta 500000) and tiny-qwen (GQA, tied, qkv bias)."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in spec.specials}
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=spec.kv_heads,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=spec.tied,
+        max_position_embeddings=1024,
+    )
+    if spec is LLAMA:
+        return AutoConfig.for_model(
+            "llama", **common, bos_token_id=ids["<|begin_of_text|>"],
+            eos_token_id=[ids["<|end_of_text|>"], ids["<|eot_id|>"]],
+            rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE}, attention_bias=False, mlp_bias=False,
+        )  # fmt: skip
+    return AutoConfig.for_model(
+        "qwen2", **common, bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, use_sliding_window=False,
+        layer_types=["full_attention"] * LAYERS,
+    )  # fmt: skip
+
+
+def hub_config(spec: Spec, config: transformers.PretrainedConfig) -> dict[str, object]:
+    """config.json in the layout of the hub repos (transformers 4: top-level rope keys, rope_scaling.type)."""
+    if spec.name in (LLAMA.name, QWEN.name):
+        from phiconvert.source import normalise_config
+
+        hub = normalise_config(config.to_dict())
+        hub.pop("dtype", None)
+        hub.update(architectures=[type(config).__name__.replace("Config", "ForCausalLM")], torch_dtype="bfloat16",
+                   transformers_version="4.45.0")  # fmt: skip
+        if spec is LLAMA:  # the hub's Llama-3.1 config says rope_type, as transformers 4.43+ writes it
+            hub["rope_scaling"] = {k: v for k, v in LLAMA3_ROPE.items()}
+        return dict(sorted(hub.items()))
     hub: dict[str, object] = {
         "architectures": ["Phi3ForCausalLM"],
         "attention_bias": False,
@@ -497,7 +627,7 @@ def hub_config(spec: Spec, config: Phi3Config) -> dict[str, object]:
     return dict(sorted(hub.items()))
 
 
-def check_rules(model: Phi3ForCausalLM, tok: PreTrainedTokenizerFast) -> None:
+def check_rules(model: torch.nn.Module, tok: PreTrainedTokenizerFast) -> None:
     """Rules the converters depend on (see shared/BACKENDS.md, "Fixtures")."""
     cfg = model.config
     assert cfg.vocab_size == len(tok), (cfg.vocab_size, len(tok))
@@ -508,10 +638,10 @@ def check_rules(model: Phi3ForCausalLM, tok: PreTrainedTokenizerFast) -> None:
 
 
 def token_streams(
-    tok: PreTrainedTokenizerFast, corpus: Corpus, rng: random.Random
+    spec: Spec, tok: PreTrainedTokenizerFast, corpus: Corpus, rng: random.Random
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-text stream (documents separated by <|endoftext|>) and chat stream (10 shuffled passes of QA)."""
-    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    """Plain-text stream (documents separated by the separator token) and chat stream (10 shuffled passes of QA)."""
+    eot = tok.convert_tokens_to_ids(spec.separator)
     plain: list[int] = []
     for doc in corpus.train_docs:
         plain += tok.encode(doc, add_special_tokens=False) + [eot]
@@ -535,7 +665,7 @@ def sample_batch(plain: torch.Tensor, chat: torch.Tensor, rows: int, length: int
     return torch.stack(out)
 
 
-def train(model: Phi3ForCausalLM, spec: Spec, plain: torch.Tensor, chat: torch.Tensor) -> float:
+def train(model: torch.nn.Module, spec: Spec, plain: torch.Tensor, chat: torch.Tensor) -> float:
     """AdamW in fp32 with warmup + cosine decay; returns the mean loss of the last 20 steps.
 
     For the Phi-4-mini fixture every other step uses 128-token rows (transformers applies the short LongRoPE factor
@@ -575,7 +705,7 @@ def train(model: Phi3ForCausalLM, spec: Spec, plain: torch.Tensor, chat: torch.T
 # ----------------------------------------------------------------------------------------- saving and checks
 
 
-def save_fixture(spec: Spec, model: Phi3ForCausalLM, tok: PreTrainedTokenizerFast, sp_model: Path | None) -> Path:
+def save_fixture(spec: Spec, model: torch.nn.Module, tok: PreTrainedTokenizerFast, sp_model: Path | None) -> Path:
     """Write the checkpoint folder: bf16 weights, both config layouts, generation config, tokenizer files.
 
     The folder is written beside the old one and swapped in at the end, so tests that are reading the old fixture
@@ -584,8 +714,14 @@ def save_fixture(spec: Spec, model: Phi3ForCausalLM, tok: PreTrainedTokenizerFas
     final = OUT / spec.name
     folder = OUT / f".{spec.name}.building"
     shutil.rmtree(folder, ignore_errors=True)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")}
-    if spec is PHI3:
+    ids = {t: tok.convert_tokens_to_ids(t) for t in spec.specials}
+    if spec is LLAMA:
+        eos = [ids["<|end_of_text|>"], ids["<|eot_id|>"]]
+        model.generation_config = GenerationConfig(bos_token_id=ids["<|begin_of_text|>"], eos_token_id=eos)
+    elif spec is QWEN:
+        eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+        model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=ids["<|endoftext|>"])
+    elif spec is PHI3:
         eos = [ids["<|endoftext|>"], ids["<|assistant|>"], ids["<|end|>"]]
         model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=eos, pad_token_id=ids["<|endoftext|>"])
     else:
@@ -603,7 +739,7 @@ def save_fixture(spec: Spec, model: Phi3ForCausalLM, tok: PreTrainedTokenizerFas
     tok_cfg_path = folder / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_path.read_text())
     tok_cfg.update(
-        add_bos_token=False,
+        add_bos_token=spec is LLAMA,
         add_eos_token=False,
         added_tokens_decoder={
             str(i): {
@@ -617,7 +753,11 @@ def save_fixture(spec: Spec, model: Phi3ForCausalLM, tok: PreTrainedTokenizerFas
             for i, t in sorted(tok.added_tokens_decoder.items())
         },
         chat_template=tok.chat_template,
-        tokenizer_class="LlamaTokenizer" if spec is PHI3 else "GPT2Tokenizer",
+        tokenizer_class={
+            "tiny-phi3": "LlamaTokenizer",
+            "tiny-llama": "PreTrainedTokenizerFast",
+            "tiny-qwen": "Qwen2Tokenizer",
+        }.get(spec.name, "GPT2Tokenizer"),  # fmt: skip
     )
     if spec is PHI3:
         tok_cfg["legacy"] = False
@@ -630,7 +770,7 @@ def save_fixture(spec: Spec, model: Phi3ForCausalLM, tok: PreTrainedTokenizerFas
     return final
 
 
-def load(folder: Path, config_name: str = "config.json") -> Phi3ForCausalLM:
+def load(folder: Path, config_name: str = "config.json") -> torch.nn.Module:
     """Load a fixture in fp32, using `config_name` as its config.json (via a temporary copy)."""
     if config_name == "config.json":
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -642,7 +782,7 @@ def load(folder: Path, config_name: str = "config.json") -> Phi3ForCausalLM:
         return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
 
 
-def load_with_hub_config(folder: Path, edit: dict[str, object]) -> Phi3ForCausalLM:
+def load_with_hub_config(folder: Path, edit: dict[str, object]) -> torch.nn.Module:
     """Load with a modified hub config.json; proves a setting is live when the logits change."""
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(edit)
@@ -655,12 +795,12 @@ def load_with_hub_config(folder: Path, edit: dict[str, object]) -> Phi3ForCausal
 
 
 @torch.no_grad()
-def logits_of(model: Phi3ForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids[None]).logits[0]
 
 
 @torch.no_grad()
-def heldout_ppl(model: Phi3ForCausalLM, ids: torch.Tensor) -> float:
+def heldout_ppl(model: torch.nn.Module, ids: torch.Tensor) -> float:
     """Perplexity over non-overlapping 256-token windows of heldout.txt (no BOS, as the converters measure it)."""
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, SEQ_LEN):
@@ -674,11 +814,11 @@ def heldout_ppl(model: Phi3ForCausalLM, ids: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def greedy_chat(model: Phi3ForCausalLM, tok: PreTrainedTokenizerFast) -> tuple[str, bool, int]:
-    """The converters' smoke test: chat template, greedy, at most 48 tokens, stop at <|end|>."""
+def greedy_chat(spec: Spec, model: torch.nn.Module, tok: PreTrainedTokenizerFast) -> tuple[str, bool, int]:
+    """The converters' smoke test: chat template, greedy, at most 48 tokens, stop at the end-of-turn token."""
     text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
     ids = torch.tensor(tok.encode(text, add_special_tokens=False))
-    end = tok.convert_tokens_to_ids("<|end|>")
+    end = tok.convert_tokens_to_ids(spec.end)
     out: list[int] = []
     for _ in range(48):
         nxt = int(logits_of(model, torch.cat([ids, torch.tensor(out, dtype=torch.long)]))[-1].argmax())
@@ -693,15 +833,16 @@ def verify(spec: Spec, folder: Path, corpus: Corpus, sp_model: Path | None) -> d
     tok = AutoTokenizer.from_pretrained(folder)
     model = load(folder)
     check_rules(model, tok)
-    specials = PHI3_SPECIALS if spec is PHI3 else PHI4_SPECIALS
-    special_ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
-    assert list(special_ids.values()) == list(range(len(tok) - len(specials), len(tok))), special_ids
+    special_ids = {s: tok.convert_tokens_to_ids(s) for s in spec.specials}
+    assert list(special_ids.values()) == list(range(len(tok) - len(spec.specials), len(tok))), special_ids
 
     rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
-    expected = "<|user|>\nhi<|end|>\n<|assistant|>\n" if spec is PHI3 else "<|user|>hi<|end|><|assistant|>"
-    assert rendered == expected, rendered
+    assert rendered == spec.rendered, rendered
     chat_ids = tok.encode(rendered, add_special_tokens=False)
-    assert special_ids["<|user|>"] in chat_ids and special_ids["<|end|>"] in chat_ids, chat_ids
+    assert special_ids[spec.end] in chat_ids, chat_ids
+    if spec is LLAMA:  # the tokenizer itself prepends BOS, as Llama-3's does
+        bos = special_ids["<|begin_of_text|>"]
+        assert tok("a").input_ids[0] == bos != tok("a", add_special_tokens=False).input_ids[0]
 
     heldout_ids = tok.encode(corpus.heldout, add_special_tokens=False)
     assert tok.decode(heldout_ids) == corpus.heldout, "tokenizer does not round-trip the held-out text"
@@ -736,8 +877,15 @@ def verify(spec: Spec, folder: Path, corpus: Corpus, sp_model: Path | None) -> d
         assert result["diff_no_partial_rotary"] > 1e-3 and result["diff_short_as_long"] > 1e-3, result
         # ...and the long factor is not used for inputs up to original_max_position_embeddings.
         assert torch.equal(logits_of(model, ids[:100]), logits_of(short_only, ids[:100]))
+    if spec is LLAMA:  # the llama3 rope scaling must be live
+        unscaled = load_with_hub_config(folder, {"rope_scaling": None})
+        result["diff_no_rope_scaling"] = (logits_of(unscaled, ids) - reference).abs().max().item()
+        assert result["diff_no_rope_scaling"] > 1e-3, result
+    if spec is QWEN:  # the q/k/v biases are trained, not zero
+        bias = model.model.layers[0].self_attn.q_proj.bias
+        assert bias is not None and bias.abs().max().item() > 1e-3
 
-    text, stopped, n_tokens = greedy_chat(model, tok)
+    text, stopped, n_tokens = greedy_chat(spec, model, tok)
     result.update(
         ppl=heldout_ppl(model, torch.tensor(heldout_ids)),
         heldout_tokens=len(heldout_ids),
@@ -759,7 +907,8 @@ def readme(corpus: Corpus, results: dict[str, dict[str, object]]) -> str:
 
     def row(name: str) -> str:
         r = results[name]
-        ending = "then `<|end|>`" if r["stopped_at_end"] else "no `<|end|>` within 48 tokens"
+        end = next(spec.end for spec in SPECS if spec.name == name)
+        ending = f"then `{end}`" if r["stopped_at_end"] else f"no `{end}` within 48 tokens"
         return (
             f"| {name} | {r['params'] / 1e6:.2f} M | {r['vocab_size']} | {r['train_loss']:.3f} | {r['ppl']:.1f} | "
             f"`{r['generation']}` ({r['generated_tokens']} tokens, {ending}) |"
@@ -768,9 +917,11 @@ def readme(corpus: Corpus, results: dict[str, dict[str, object]]) -> str:
     versions = f"Python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}"
     ids3 = results["tiny-phi3"]["special_ids"]
     ids4 = results["tiny-phi4mini"]["special_ids"]
+    ids_llama = results["tiny-llama"]["special_ids"]
+    ids_qwen = results["tiny-qwen"]["special_ids"]
     return f"""# Test fixtures
 
-Built by `python scripts/build_fixtures.py` (seeded, CPU, about 6 minutes on 2 idle cores).
+Built by `python scripts/build_fixtures.py [NAME...]` (seeded, CPU, about 3 minutes per fixture on 2 idle cores).
 {versions}. Do not edit by hand: rerun the script.
 
 ## Files
@@ -788,6 +939,17 @@ Built by `python scripts/build_fixtures.py` (seeded, CPU, about 6 minutes on 2 i
   BPE with an o200k-regex `Split` + `ByteLevel` pre-tokenizer (Phi-4-mini's style), special tokens after the BPE
   vocabulary: {", ".join(f"`{k}`={v}" for k, v in ids4.items())}.
   BOS = EOS = PAD = `<|endoftext|>`; generation_config eos = [`<|end|>`, `<|endoftext|>`].
+- `tiny-llama/` - shaped like meta-llama/Llama-3.1-8B-Instruct: `LlamaForCausalLM`, {LAYERS} layers, hidden {HIDDEN},
+  4 query heads x 64 with 2 KV heads, untied, RoPE theta 500000 with `llama3` rope scaling (factor 8, low/high
+  frequency factors 1/4, original context shrunk to 128 so the scaling changes short inputs too). Tokenizer: byte-level
+  BPE with Llama-3's split regex and `ignore_merges`, BOS prepended by the tokenizer's post-processor; special tokens
+  after the BPE vocabulary: {", ".join(f"`{k}`={v}" for k, v in ids_llama.items())}; Llama-3-Instruct's chat template.
+  generation_config eos = [`<|end_of_text|>`, `<|eot_id|>`].
+- `tiny-qwen/` - shaped like Qwen/Qwen2.5-0.5B-Instruct: `Qwen2ForCausalLM`, {LAYERS} layers, hidden {HIDDEN}, 4 query
+  heads x 64 with 2 KV heads, q/k/v biases, tied embeddings, RoPE theta 1000000. Tokenizer: NFC, byte-level BPE with
+  Qwen2's split regex (single digits), no BOS; special tokens after the BPE vocabulary:
+  {", ".join(f"`{k}`={v}" for k, v in ids_qwen.items())}; ChatML template. EOS `<|im_end|>`, PAD `<|endoftext|>`;
+  generation_config eos = [`<|im_end|>`, `<|endoftext|>`].
 - Each folder: `model.safetensors` (bfloat16), `config.json` (hub / transformers-4 layout: top-level `rope_theta`,
   `partial_rotary_factor`, `original_max_position_embeddings`, `rope_scaling` with `"type"`),
   `config.transformers5.json` (what transformers 5 `save_pretrained` writes: `rope_parameters`),
@@ -800,18 +962,20 @@ Built by `python scripts/build_fixtures.py` (seeded, CPU, about 6 minutes on 2 i
 ## How they were trained
 
 Corpus: Python's own reference text (`pydoc_data.topics`), minus the held-out topics, with duplicated paragraphs
-removed. Both tokenizers were trained on it. Each batch is about 70 % random 256-token crops of the plain text and
+removed. Every tokenizer was trained on it. Each batch is about 70 % random 256-token crops of the plain text and
 30 % crops of chat-formatted samples ({len(corpus.qa)} pairs such as "What is <section title>?" -> first sentence(s)
-of a paragraph of that section, `<|end|>`), rendered with each model's own chat template. AdamW, fp32, warmup +
+of a paragraph of that section, end of turn), rendered with each model's own chat template. AdamW, fp32, warmup +
 cosine decay; tiny-phi4mini alternates 128-token and 256-token batches so both LongRoPE factor sets are trained.
 
 | fixture | params | vocab | final train loss | held-out ppl (fp32) | greedy chat reply |
 |---|---|---|---|---|---|
 {row("tiny-phi3")}
 {row("tiny-phi4mini")}
+{row("tiny-llama")}
+{row("tiny-qwen")}
 
 Held-out perplexity: transformers, fp32, weights as saved (bf16), non-overlapping 256-token windows, no BOS.
-Greedy chat: "{PROMPT}" through the chat template, at most 48 new tokens, stop at `<|end|>`.
+Greedy chat: "{PROMPT}" through the chat template, at most 48 new tokens, stop at the end-of-turn token.
 
 ## Rules the build checks
 
@@ -820,9 +984,11 @@ Greedy chat: "{PROMPT}" through the chat template, at most 48 new tokens, stop a
 - Loading with `config.json` or with `config.transformers5.json` gives bitwise-identical fp32 logits.
 - tiny-phi4mini: on a 200-token input, dropping partial_rotary_factor or using the short factors as long ones
   changes the logits; on a 100-token input the long factors have no effect.
+- tiny-llama: dropping the `llama3` rope scaling changes the logits; the tokenizer itself prepends BOS.
+- tiny-qwen: the q/k/v biases are trained (not zero).
 - The tokenizer round-trips `heldout.txt`; for tiny-phi3, `tokenizer.json` and `tokenizer.model` tokenize every
-  held-out line identically; `<|end|>` and the other added tokens resolve to the ids above; the chat template
-  renders as Microsoft's does.
+  held-out line identically; the end-of-turn and other added tokens resolve to the ids above; the chat template
+  renders as the original model's does.
 - Note: transformers 5 loads `tokenizer.json` verbatim through `AutoTokenizer` when `config.json` (model_type
   phi3) is present, as for the real Phi models; `LlamaTokenizer.from_pretrained` / `GPT2Tokenizer.from_pretrained`
   rebuild the pipeline from class defaults instead.
@@ -857,17 +1023,23 @@ def main() -> None:
         f"{len(corpus.qa)} QA pairs, heldout {len(corpus.heldout)} chars, calibration {len(corpus.calibration)}"
     )
 
-    results: dict[str, dict[str, object]] = {}
+    wanted = sys.argv[1:] or [spec.name for spec in SPECS]
+    unknown = set(wanted) - {spec.name for spec in SPECS}
+    if unknown:
+        sys.exit(f"unknown fixture(s) {', '.join(sorted(unknown))}; known: {', '.join(s.name for s in SPECS)}")
+    record = OUT / "build.json"
+    results: dict[str, dict[str, object]] = json.loads(record.read_text()) if record.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         sp_model = train_sentencepiece(tokenizer_texts(corpus), Path(tmp))
-        for spec in (PHI3, PHI4):
+        for spec in (s for s in SPECS if s.name in wanted):
             random.seed(SEED)
             torch.manual_seed(SEED)
-            tok = phi3_tokenizer(sp_model) if spec is PHI3 else phi4_tokenizer(tokenizer_texts(corpus))
+            tok = tokenizer_for(spec, corpus, sp_model)
             config = make_config(spec, tok)
-            model = Phi3ForCausalLM(config)
+            phi = spec.name.startswith("tiny-phi")
+            model = Phi3ForCausalLM(config) if phi else AutoModelForCausalLM.from_config(config)
             check_rules(model, tok)
-            plain, chat = token_streams(tok, corpus, random.Random(SEED))
+            plain, chat = token_streams(spec, tok, corpus, random.Random(SEED))
             print(f"{spec.name}: vocab {len(tok)}, plain {len(plain)} tokens, chat {len(chat)} tokens")
             train_loss = train(model, spec, plain, chat)
             folder = save_fixture(spec, model, tok, sp_model if spec is PHI3 else None)
@@ -876,10 +1048,14 @@ def main() -> None:
             r = results[spec.name]
             print(
                 f"{spec.name}: train loss {train_loss:.3f}, held-out ppl {r['ppl']:.1f}, "
-                f"{r['size_mb']:.1f} MB, chat -> {r['generation']!r} (stopped at <|end|>: {r['stopped_at_end']})"
+                f"{r['size_mb']:.1f} MB, chat -> {r['generation']!r} (stopped at {spec.end}: {r['stopped_at_end']})"
             )
-    (OUT / "README.md").write_text(readme(corpus, results))
-    print(json.dumps(results, indent=1, default=str))
+            record.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    if all(spec.name in results for spec in SPECS):
+        (OUT / "README.md").write_text(readme(corpus, results))
+    else:
+        print(f"README.md not rewritten: build.json lacks {[s.name for s in SPECS if s.name not in results]}")
+    print(json.dumps({name: results[name] for name in wanted}, indent=1, default=str))
     print(f"done in {time.time() - t0:.0f}s")
 
 
