@@ -204,6 +204,26 @@ def test_a_stage_with_no_progress_still_gets_a_line_in_a_log(monkeypatch):
     assert shown[-1].startswith("✓ export")
 
 
+def test_a_failed_stage_stops_its_lines(monkeypatch):
+    """A stage whose worker failed never says "done": the failure note ends it, so a log does not go on saying it
+    is running while the next pair converts."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from phiconvert.cli import StageLines
+
+    monkeypatch.setattr(StageLines, "LOG_EVERY", 0.3)
+    out = io.StringIO()
+    with StageLines(Console(file=out, width=100)) as lines:
+        lines({"stage": "smoke test", "label": "ort-genai int4", "status": "start"})
+        lines({"stage": "convert", "status": "note", "message": "✗ ort-genai int4: boom", "ended": True})
+        time.sleep(1.0)
+    shown = [line for line in out.getvalue().splitlines() if line]
+    assert shown == ["✗ ort-genai int4: boom"], shown
+
+
 def test_plan_says_what_each_pair_needs_without_doing_any_work(tmp_path):
     result = run_cli("--target", "all", "--plan", "--json", "--output", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,144 @@
+"""Architectures beyond Phi: the profiles, the facts read from each model (stop tokens, GGUF pre-tokenizer), and
+`--target all` on the bundled tiny-llama and tiny-qwen, every pair verified within its bounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import checkpoint, run_cli
+
+from phiconvert import archs, stops
+from phiconvert.errors import PhiconvertError
+from phiconvert.source import FIXTURES, normalise_config
+
+OTHER_FIXTURES = ("tiny-llama", "tiny-qwen")
+# every fixture's end-of-turn token, found from its chat template, and llama.cpp's name for its pre-tokenizer
+END_OF_TURN = {"tiny-phi3": "<|end|>", "tiny-phi4mini": "<|end|>", "tiny-llama": "<|eot_id|>",
+               "tiny-qwen": "<|im_end|>"}  # fmt: skip
+PRE_TOKENIZER = {"tiny-phi4mini": "gpt-4o", "tiny-llama": "llama-bpe", "tiny-qwen": "qwen2"}
+
+
+@pytest.fixture(scope="session", params=OTHER_FIXTURES)
+def all_of(request, tmp_path_factory):
+    """`phiconvert bundled:NAME --target all --json`, once per fixture and session."""
+    folder = tmp_path_factory.mktemp(f"all-{request.param}")
+    result = run_cli(f"bundled:{request.param}", "--target", "all", "--output", "report", "--json", cwd=folder,
+                     timeout=3600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return request.param, folder / "report", json.loads(result.stdout)
+
+
+def test_every_pair_converts_and_verifies(all_of):
+    name, folder, comparison = all_of
+    runs = {(r["target"], r["precision"]): r for r in comparison["runs"]}
+    failed = {pair: r.get("error") for pair, r in runs.items() if r["status"] == "failed"}
+    assert not failed, failed
+    skipped = {pair for pair, r in runs.items() if r["status"] == "skipped"}
+    assert skipped <= {("ort-genai", "fp16")}, skipped  # a GPU build's precision, on this CPU
+    for pair, run in runs.items():
+        if run["status"] == "passed":
+            fidelity = run["report"]["fidelity"]
+            assert fidelity["passed"] and run["report"]["smoke"]["stopped_at_eot"], (pair, fidelity)
+
+
+def test_gguf_is_written_as_the_profiles_architecture(all_of):
+    import gguf
+
+    name, folder, comparison = all_of
+    run = next(r for r in comparison["runs"] if (r["target"], r["precision"]) == ("gguf", "f16"))
+    path = next((folder / run["artifact"]).glob("*.gguf"))
+    reader = gguf.GGUFReader(path)
+    architecture = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    assert architecture == {"tiny-llama": "llama", "tiny-qwen": "qwen2"}[name]
+    tensors = {t.name for t in reader.tensors}
+    if name == "tiny-llama":  # llama3 rope scaling travels as per-frequency divisors
+        assert "rope_freqs.weight" in tensors
+    else:  # Qwen2: q/k/v biases, and the tied head is the embedding
+        assert "blk.0.attn_q.bias" in tensors and "output.weight" not in tensors
+    eot = reader.get_field(gguf.Keys.Tokenizer.EOT_ID).contents()
+    tokens = reader.get_field(gguf.Keys.Tokenizer.LIST)
+    assert tokens.contents(eot) == END_OF_TURN[name]
+
+
+@pytest.mark.parametrize("name", list(END_OF_TURN))
+def test_end_of_turn_is_read_from_the_chat_template(name):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / name)
+    assert stops.end_of_turn(tokenizer) == END_OF_TURN[name]
+    ids = stops.stop_ids(FIXTURES / name, tokenizer)
+    assert tokenizer.convert_tokens_to_ids(END_OF_TURN[name]) in ids and len(ids) == len(set(ids))
+
+
+def test_end_of_turn_missing_from_generation_config_is_still_a_stop_id(tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = checkpoint(tmp_path, "tiny-llama")
+    (folder / "generation_config.json").unlink()
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 3501}))  # <|end_of_text|> only
+    ids = stops.stop_ids(folder, AutoTokenizer.from_pretrained(folder))
+    assert ids[0] == 3501 and AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids("<|eot_id|>") in ids
+
+
+@pytest.mark.parametrize("name", list(PRE_TOKENIZER))
+def test_gguf_pre_tokenizer_is_recognised_by_behaviour(name):
+    from phiconvert.gguf_writer import _pre_tokenizer
+
+    assert _pre_tokenizer(json.loads((FIXTURES / name / "tokenizer.json").read_text())) == PRE_TOKENIZER[name]
+
+
+def test_an_equivalent_regex_written_differently_is_still_recognised():
+    """Llama-3's regex spelled with explicit case classes instead of (?i:...) splits the same way."""
+    from phiconvert.gguf_writer import _pre_tokenizer
+
+    tokenizer = json.loads((FIXTURES / "tiny-llama" / "tokenizer.json").read_text())
+    split = tokenizer["pre_tokenizer"]["pretokenizers"][0]
+    split["pattern"]["Regex"] = split["pattern"]["Regex"].replace(
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)", "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+    )
+    assert _pre_tokenizer(tokenizer) == "llama-bpe"
+    tokenizer["model"]["ignore_merges"] = False  # the same split without ignore_merges is DBRX's (Phi-4's)
+    assert _pre_tokenizer(tokenizer) == "dbrx"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"architectures": ["Gemma2ForCausalLM"]}, "Gemma2ForCausalLM (logit softcapping"),
+        ({"architectures": ["BertForMaskedLM"]}, "supported: Phi3ForCausalLM"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+    ],
+)
+def test_unsupported_architecture_or_rope_is_refused_in_one_line(edit, message):
+    config = {**normalise_config(json.loads((FIXTURES / "tiny-llama" / "config.json").read_text())), **edit}
+    with pytest.raises(PhiconvertError, match="^'x' .*" + message.replace("(", r"\(")):
+        archs.profile(config, "x")
+
+
+def test_every_fixture_has_a_profile():
+    for folder in sorted(Path(FIXTURES).iterdir()):
+        if (folder / "config.json").is_file():
+            archs.profile(normalise_config(json.loads((folder / "config.json").read_text())), folder.name)
+
+
+@pytest.mark.parametrize(("inputs", "group"), [((256, 256, 768), 128), ((576, 576, 1536), 64), ((720,), 16)])
+def test_gptq_default_group_size_fits_the_model(inputs, group):
+    from phiconvert.targets import gptq
+
+    assert gptq.settings("int4", {}, inputs).group_size == group
+    assert gptq.settings("int4", {"group_size": 32}, inputs).group_size == 32  # the user's choice stands
+
+
+def test_gptq_group_size_the_user_chose_is_refused_when_it_does_not_fit(tmp_path):
+    result = run_cli("bundled:tiny-llama", "--target", "gptq", "--group-size", "48", "--output", "o", cwd=tmp_path)
+    assert result.returncode != 0 and "--group-size for gptq must be one of" in result.stderr
+
+
+def test_readme_support_table_is_generated_from_the_profiles():
+    from phiconvert import targets
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = readme.split("<!-- architectures -->\n", 1)[1].split("<!-- /architectures -->", 1)[0]
+    assert shown == archs.support_table(targets.names())
