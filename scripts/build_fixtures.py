@@ -499,12 +499,9 @@ def tokenizer_for(spec: Spec, corpus: Corpus, sp_model: Path) -> PreTrainedToken
 # ------------------------------------------------------------------------------------------------------ model
 
 
-def make_config(spec: Spec, tok: PreTrainedTokenizerFast) -> transformers.PretrainedConfig:
-    """Transformers-5 config for one fixture; vocab_size is exactly len(tokenizer)."""
-    if spec.name in (LLAMA.name, QWEN.name):
-        return other_config(spec, tok)
-    eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    common = dict(
+def shapes(spec: Spec, tok: PreTrainedTokenizerFast) -> dict[str, object]:
+    """What every fixture's config shares: the sizes, and vocab_size exactly len(tokenizer)."""
+    return dict(
         vocab_size=len(tok),
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
@@ -514,9 +511,15 @@ def make_config(spec: Spec, tok: PreTrainedTokenizerFast) -> transformers.Pretra
         hidden_act="silu",
         rms_norm_eps=1e-5,
         tie_word_embeddings=spec.tied,
-        pad_token_id=eot,
-        eos_token_id=eot,
     )
+
+
+def make_config(spec: Spec, tok: PreTrainedTokenizerFast) -> transformers.PretrainedConfig:
+    """Transformers-5 config for one fixture."""
+    if spec.name in (LLAMA.name, QWEN.name):
+        return other_config(spec, tok)
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    common = dict(shapes(spec, tok), pad_token_id=eot, eos_token_id=eot)
     if spec is PHI3:
         return Phi3Config(
             **common,
@@ -546,18 +549,7 @@ def make_config(spec: Spec, tok: PreTrainedTokenizerFast) -> transformers.Pretra
 def other_config(spec: Spec, tok: PreTrainedTokenizerFast) -> transformers.PretrainedConfig:
     """tiny-llama (GQA, untied, llama3 rope scaling, theta 500000) and tiny-qwen (GQA, tied, qkv bias)."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in spec.specials}
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=spec.kv_heads,
-        hidden_act="silu",
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=spec.tied,
-        max_position_embeddings=1024,
-    )
+    common = dict(shapes(spec, tok), max_position_embeddings=1024)
     if spec is LLAMA:
         return AutoConfig.for_model(
             "llama", **common, bos_token_id=ids["<|begin_of_text|>"],
@@ -581,7 +573,7 @@ def hub_config(spec: Spec, config: transformers.PretrainedConfig) -> dict[str, o
         hub.update(architectures=[type(config).__name__.replace("Config", "ForCausalLM")], torch_dtype="bfloat16",
                    transformers_version="4.45.0")  # fmt: skip
         if spec is LLAMA:  # the hub's Llama-3.1 config says rope_type, as transformers 4.43+ writes it
-            hub["rope_scaling"] = {k: v for k, v in LLAMA3_ROPE.items()}
+            hub["rope_scaling"] = dict(LLAMA3_ROPE)
         return dict(sorted(hub.items()))
     hub: dict[str, object] = {
         "architectures": ["Phi3ForCausalLM"],
