@@ -24,9 +24,6 @@ PROMPT_LENGTHS = (16, 128, 512)
 NEW_TOKENS = 32
 REPEATS = 3
 SOURCE = "source"  # the target name under which the source model is benched (transformers, fp32)
-# files that tell which runtime loads a folder that has no phiconvert.json
-SIGNATURES = (("*.gguf", "gguf"), ("openvino_model.xml", "openvino"), ("genai_config.json", "ort-genai"))
-QUANT_METHODS = {"gptq": "gptq", "awq": "awq", "bitsandbytes": "bnb", "torchao": "torchao"}
 
 
 def bench(
@@ -61,16 +58,9 @@ def identify(item: str | Path) -> tuple[str, Path, dict[str, Any]]:
         if report.get("kind") == "comparison":
             raise PhiconvertError(f"{path} is a --target all report folder; bench the artifact folders inside it")
         return report["target"], path.resolve(), {"precision": report["precision"], "source": report["source"]}
-    if path.is_dir():
-        for pattern, name in SIGNATURES:
-            if any(path.glob(pattern)):
-                return name, path.resolve(), {}
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        method = (config.get("quantization_config") or {}).get("quant_method")
-        if method in QUANT_METHODS:
-            return QUANT_METHODS[method], path.resolve(), {}
-        if "quantization" in config:  # mlx-lm's own key
-            return "mlx", path.resolve(), {}
+    found = targets.recognise(path) if path.is_dir() else None
+    if found:
+        return found, path.resolve(), {}
     src = source.resolve(str(item))  # a plain checkpoint, a Hub id or bundled:NAME: errors say what is wrong
     return SOURCE, src.path, {"precision": "fp32", "model": src.model}  # transformers loads it in float32
 

@@ -52,6 +52,8 @@ def convert_parser() -> argparse.ArgumentParser:
         prog="phiconvert",
         description="Convert a Hugging Face Phi model into a deployment format and verify it against the source. "
         "Other commands: `phiconvert bench ARTIFACT...`, `phiconvert doctor`, `phiconvert setup NAME`.",
+        epilog=precisions_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", nargs="?", help=f"Hub id, local folder, or bundled:NAME (default {source.DEFAULT_MODEL})")
     p.add_argument(
@@ -62,49 +64,8 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--precision", help="weight precision; default depends on the target (e.g. openvino: int4)")
     p.add_argument("--output", help="destination folder (default ./<model>-<target>-<precision>)")
-    p.add_argument("--group-size", type=int, help="quantization group size (target default when omitted)")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric quantization")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric quantization")
     p.add_argument("--calibration", help="calibration text, or a text file (paragraphs are samples)")
-    p.add_argument("--ep", choices=["cpu", "cuda", "dml"], help="ort-genai: execution provider built for (default cpu)")
-    p.add_argument(
-        "--accuracy-level",
-        type=int,
-        choices=range(5),
-        metavar="{0-4}",
-        help="ort-genai: compute type of quantized MatMuls (4 int8 activations, 1 fp32, 0 provider's)",
-    )
-    p.add_argument(
-        "--int4-algo",
-        choices=["gptq_mixed", "gptq", "rtn", "k_quant", "k_quant_mixed"],
-        help="ort-genai: int4 quantizer. gptq_mixed (default): phiconvert's GPTQ on --calibration, one layer in "
-        "memory at a time, sensitive layers at 8 bits; rtn, k_quant, k_quant_mixed: the builder's own, which "
-        "builds the whole model in float32 first",
-    )
-    p.add_argument(
-        "--int8-lm-head",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="ort-genai: keep the LM head (and tied embeddings) at 8 bits in int4 (default on)",
-    )
-    p.add_argument("--recipe", choices=["mixed_3_4", "mixed_4_6"], help="mlx, 4bit: mixed-precision recipe")
-    p.add_argument(
-        "--method",
-        choices=["rtn", "gptq"],
-        help="mlx, 4bit: round-to-nearest (default) or GPTQ calibrated on --calibration",
-    )
-    p.add_argument(
-        "--desc-act",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="gptq: quantize columns in order of decreasing activation (act-order)",
-    )
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda", "mps"],
-        help="gptq/awq: where calibration and quantization run (auto: CUDA, MPS, else CPU)",
-    )
+    add_target_options(p)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument(
         "--verify",
@@ -122,6 +83,40 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the run's report as JSON on stdout")
     return p
+
+
+def add_target_options(p: argparse.ArgumentParser) -> None:
+    """One flag per option the targets declare, its help prefixed with the targets (and precisions) taking it."""
+    for name, declared in targets.options().items():
+        first = declared[0][1]
+        if any(o.type is not first.type or o.off != first.off for _, o in declared):
+            raise PhiconvertError(f"targets declare option '{name}' with different types")
+        takers = [f"{t} {'/'.join(o.precisions)}" if o.precisions else t for t, o in declared]
+        if len({o.help for _, o in declared}) == 1:
+            text = f"{', '.join(takers)}: {first.help}"
+        else:
+            text = "; ".join(f"{taker}: {o.help}" for taker, (_, o) in zip(takers, declared, strict=True))
+        choices = [c for _, o in declared for c in o.choices] if all(o.choices for _, o in declared) else []
+        if first.type is bool and first.off:
+            pair = p.add_mutually_exclusive_group()
+            pair.add_argument(first.flag, dest=name, action="store_true", default=None, help=text)
+            pair.add_argument(f"--{first.off}", dest=name, action="store_false", help=f"the opposite of {first.flag}")
+        elif first.type is bool:
+            p.add_argument(first.flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            p.add_argument(first.flag, dest=name, type=first.type, choices=list(dict.fromkeys(choices)) or None,
+                           help=text)  # fmt: skip
+
+
+def precisions_help() -> str:
+    """Each target's precisions, one line each (the default first): the epilog of --help."""
+    lines = ["precisions (the first is the target's default):"]
+    for name in targets.names():
+        target = targets.load(name)
+        ordered = [target.default_precision, *(p for p in target.precisions if p != target.default_precision)]
+        lines.append(f"  {name}:")
+        lines += [f"    {p:<8} {target.precisions[p].note}" for p in ordered]
+    return "\n".join(lines)
 
 
 def plan_table(plan: dict[str, Any]) -> Table:

@@ -59,21 +59,12 @@ def convert(
     target: str = "openvino",  # or "auto": the hardware detector's choice; "all" or "a,b:precision": side by side
     precision: str | None = None,
     output: str | Path | None = None,
-    group_size: int | None = None,
-    sym: bool | None = None,
     calibration: str | None = None,
-    ep: str | None = None,
-    accuracy_level: int | None = None,
-    int4_algo: str | None = None,
-    int8_lm_head: bool | None = None,
-    recipe: str | None = None,
-    method: str | None = None,
-    desc_act: bool | None = None,
-    device: str | None = None,
     force: bool = False,
     verify: str | bool = "full",  # full, quick (no window past the original context), none (True/False: full/none)
     plan_only: bool = False,  # only the pre-flight: what each stage needs, against this machine
     progress: Progress | None = None,
+    **options: Any,  # the targets' own options (group_size=64, ep="cuda", ...: see phiconvert.targets.options())
 ) -> dict[str, Any]:
     """Convert ``model`` for ``target`` at ``precision`` and prove it; returns the report (also phiconvert.json).
 
@@ -84,9 +75,9 @@ def convert(
     mode = {True: "full", False: "none"}.get(verify, verify)  # type: ignore[call-overload]
     if mode not in VERIFY_MODES:
         raise PhiconvertError(f"--verify must be one of {', '.join(VERIFY_MODES)}, not '{verify}'")
-    options = {"group_size": group_size, "sym": sym, "ep": ep, "accuracy_level": accuracy_level,
-               "int4_algo": int4_algo, "int8_lm_head": int8_lm_head, "recipe": recipe, "method": method,
-               "desc_act": desc_act, "device": device}  # fmt: skip
+    unknown = sorted(set(options) - set(targets.options()))
+    if unknown:
+        raise PhiconvertError(f"no target has an option '{unknown[0]}'; they have: {', '.join(targets.options())}")
     several = target == "all" or "," in target
     auto = None
     if target == "auto":
@@ -158,7 +149,7 @@ def plan(target: str, precision: str | None, options: dict[str, Any]) -> Pair:
         raise PhiconvertError(
             f"target '{target}' cannot do precision '{precision}'; it supports: {', '.join(adapter.precisions)}"
         )
-    chosen = _target_options(adapter, options)
+    chosen = targets.chosen_options(adapter, precision, options)
     if adapter.check:
         adapter.check(precision, chosen)
     return Pair(target, precision, adapter, chosen, worker_python(adapter))
@@ -168,13 +159,13 @@ def plan_all(target: str, precision: str | None, options: dict[str, Any]) -> lis
     """Every pair of ``all`` or a list, checked before any work; ``all`` skips (with the reason) what cannot run."""
     chosen = select(target, precision)
     given = {name for name, value in options.items() if value is not None}
-    declared = {name for t, _ in chosen for name in targets.load(t).options}
+    declared = {o.name for t, p in chosen for o in targets.load(t).options if o.applies(p)}
     if given - declared:
         flag = "--" + sorted(given - declared)[0].replace("_", "-")
-        raise PhiconvertError(f"{flag} applies to none of the selected targets")
+        raise PhiconvertError(f"{flag} applies to none of the selected targets and precisions")
     pairs = []
     for name, prec in chosen:
-        mine = {k: v for k, v in options.items() if k in targets.load(name).options}
+        mine = {o.name: options.get(o.name) for o in targets.load(name).options if o.applies(prec)}
         try:
             pairs.append(plan(name, prec, mine))
         except PhiconvertError as error:
@@ -199,7 +190,7 @@ def select(target: str, precision: str | None) -> list[tuple[str, str]]:
             if given:
                 found = [given]
             elif precision:
-                found = [p for p in adapter.precisions if precision in (p, verify.ALIASES.get(p, p))]
+                found = [p for p, declared in adapter.precisions.items() if precision in (p, declared.bound)]
                 if not found and name != "all":
                     raise PhiconvertError(
                         f"target '{each}' has no {precision} precision: {', '.join(adapter.precisions)}"
@@ -324,15 +315,6 @@ def calibration_samples(calibration: str | None) -> list[str]:
     return samples
 
 
-def _target_options(adapter: targets.Target, given: dict[str, Any]) -> dict[str, Any]:
-    """The options the target declares, refusing ones it would silently ignore."""
-    for name, value in given.items():
-        if value is not None and name not in adapter.options:
-            flag = "--" + name.replace("_", "-")
-            raise PhiconvertError(f"{flag} does not apply to target '{adapter.name}'")
-    return {name: given.get(name) for name in adapter.options}
-
-
 def _report(
     src: source.Source,
     pair: Pair,
@@ -350,7 +332,7 @@ def _report(
         windows = reference["windows"]
         numbers = [verify.Positions.load(work / f"positions-{i}.npz") for i in range(len(windows))]
         summary = verify.summarise(windows, numbers)
-        bound = verify.bound_for(details.get("bound", pair.precision))
+        bound = verify.bound_for(details.get("bound", pair.adapter.precisions[pair.precision].bound))
         failures = summary.failures(bound)
         variants = {}
         for name, meaning in pair.adapter.variants.items():

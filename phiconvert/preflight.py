@@ -26,8 +26,6 @@ REFERENCE_BASE = 0.9 * GiB
 # a CPU evaluates about this many weight-tokens per second in float32 (2 cores, measured on Phi-4-mini's shape:
 # 3.84 B weights x 4352 tokens in 307 s): used to say how long verification takes, not to refuse anything
 WEIGHT_TOKENS_PER_SECOND = 5.4e10
-# nominal bits per weight by precision class, for the artifact's size on disk
-NOMINAL_BITS = {"int4": 4.5, "int8": 8.5, "fp16": 16, "bf16": 16, "fp32": 32, "mixed_3_4": 4}
 
 
 @dataclass(frozen=True)
@@ -70,13 +68,9 @@ def reference_bytes(shape: Shape) -> int:
     return int(REFERENCE_BASE + 2 * 4 * shape.layer_weights + 3 * 512 * shape.vocab * 4)
 
 
-def nominal_bits(precision: str) -> float:
-    return NOMINAL_BITS.get(verify.ALIASES.get(precision, precision), 16)
-
-
-def artifact_bytes(precision: str, shape: Shape) -> int:
+def artifact_bytes(adapter: targets.Target, precision: str, shape: Shape) -> int:
     """The artifact at its nominal size."""
-    return int(shape.parameters * nominal_bits(precision) / 8)
+    return int(shape.parameters * adapter.precisions[precision].bits / 8)
 
 
 def stage_bytes(adapter: targets.Target, precision: str, shape: Shape, longest_window: int) -> dict[str, int]:
@@ -85,15 +79,15 @@ def stage_bytes(adapter: targets.Target, precision: str, shape: Shape, longest_w
     memory = adapter.memory
     export = memory.export[0] * shape.bf16_bytes + memory.export[1] * GiB
     export += memory.tensor_copies * shape.largest_tensor * 4
-    runtime = memory.runtime[0] * artifact_bytes(precision, shape) + memory.runtime[1] * GiB
+    runtime = memory.runtime[0] * artifact_bytes(adapter, precision, shape) + memory.runtime[1] * GiB
     logits = memory.window_logits * longest_window * shape.vocab * 4
     return {"export": int(export), "verification": int(runtime + logits)}
 
 
-def disk_bytes(precision: str, shape: Shape, windows: list[tuple[int, int]]) -> int:
+def disk_bytes(adapter: targets.Target, precision: str, shape: Shape, windows: list[tuple[int, int]]) -> int:
     """The artifact at its nominal size, an intermediate copy of the weights, the reference's log-probabilities."""
     logits = sum(length for _, length in windows) * shape.vocab * 4
-    return artifact_bytes(precision, shape) + shape.bf16_bytes + logits
+    return artifact_bytes(adapter, precision, shape) + shape.bf16_bytes + logits
 
 
 def available_memory() -> int:
@@ -110,7 +104,7 @@ def estimate(adapter: targets.Target, precision: str, shape: Shape, windows: lis
     if not windows:
         needs.pop("verification")
     out: dict[str, Any] = {"target": adapter.name, "precision": precision, "memory": needs,
-                           "disk": disk_bytes(precision, shape, windows), "refusal": None}  # fmt: skip
+                           "disk": disk_bytes(adapter, precision, shape, windows), "refusal": None}  # fmt: skip
     for stage, need in needs.items():
         if need > memory:
             hint = "; try --verify quick" if stage == "verification" and longest > 1024 else ""

@@ -12,12 +12,11 @@ from typing import Any
 
 from rich.table import Table
 
-from phiconvert.verify import ALIASES
+from phiconvert import targets
 
-# Nominal bits per weight of each precision name: the "theory" that measured sizes and memory are set against.
-NOMINAL_BITS = {"int4": 4, "int8": 8, "fp16": 16, "bf16": 16, "fp32": 32, "q5_k_m": 5, "q6_k": 6}
-# the source's theory is its checkpoint's dtype (it is benched in float32, as the reference runs)
-DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# The "theory" that measured sizes and memory are set against: an artifact's nominal bits per weight, as its target
+# declares them; the source's, its checkpoint's dtype (it is benched in float32, as the reference runs)
+DTYPE_BITS = {"bfloat16": 16, "float16": 16, "float32": 32}
 
 
 def _mib(n: float | None) -> float | None:
@@ -33,11 +32,10 @@ def rows(comparison: dict[str, Any]) -> list[dict[str, Any]]:
         fidelity = report.get("fidelity") or {}
         if row is comparison["baseline"]:  # the source against itself: the origin of every fidelity axis
             fidelity = {"worst_top1": 1.0, "worst_kl": 0.0, "ppl_pct": 0.0}
+            nominal = DTYPE_BITS.get(comparison["source"]["dtype"], 32)
+        else:
+            nominal = targets.load(row["target"]).precisions[row["precision"]].bits
         prompts = measured.get("prompts", [])
-        precision = (
-            row["precision"] if row is not comparison["baseline"] else DTYPES.get(comparison["source"]["dtype"], "fp32")
-        )
-        nominal = NOMINAL_BITS.get(precision, NOMINAL_BITS.get(ALIASES.get(precision, ""), None))
         size = measured.get("size_bytes", report.get("size_bytes"))
         out.append({
             "name": f"{row['target']} {row['precision']}",

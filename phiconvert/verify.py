@@ -30,7 +30,8 @@ class Bound:
     ppl_pct: float  # maximum perplexity increase, percent of the source perplexity
 
 
-# One table for every target, keyed by precision name, checked on the worst window. Set from measurements on the
+# One table for every target, keyed by precision class (each target's precisions name their row: q4_k_m, 4bit and
+# nf4 answer to int4), checked on the worst window. Set from measurements on the
 # bundled trained fixtures (docs/fidelity.md): every target's own numbers pass with margin, while the classic
 # silent breakages fail even the int4 row (tests/test_verify.py): longrope's short and long factors swapped
 # (worst window top-1 0.78-0.88, KL 0.026), a dropped partial rotary factor (0.63-0.73, KL 0.08-0.10), an untied
@@ -43,20 +44,6 @@ BOUNDS: dict[str, Bound] = {
     "int4": Bound(top1=0.89, kl=0.015, ppl_pct=5.0),
     # mlx-lm's mixed_3_4 recipe: 3.6 bits per weight, measured top-1 0.86, KL 0.015 on tiny-phi4mini
     "mixed_3_4": Bound(top1=0.78, kl=0.04, ppl_pct=8.0),
-}
-# Precision names of the individual targets that share a row of the table above.
-ALIASES = {
-    "f16": "fp16",
-    "8bit": "int8",
-    "q8_0": "int8",
-    "q6_k": "int8",
-    "q5_k_m": "int4",
-    "4bit": "int4",
-    "q4_k_m": "int4",
-    "q4_0": "int4",
-    "nf4": "int4",
-    "fp4": "int4",
-    "8da4w": "int4",
 }
 
 
@@ -80,8 +67,8 @@ def windows(config: dict) -> tuple[list[tuple[int, int]], tuple[int, int] | None
     return list(WINDOWS), (0, original + LONG_MARGIN)
 
 
-def bound_for(precision: str) -> Bound:
-    return BOUNDS[ALIASES.get(precision, precision)]
+def bound_for(row: str) -> Bound:
+    return BOUNDS[row]
 
 
 @dataclass

@@ -127,7 +127,7 @@ def test_mps_requested_without_mps():
 def test_bad_options_are_one_line_errors(target, options, message):
     adapter = targets.load(target)
     with pytest.raises(PhiconvertError, match=message):
-        adapter.check(adapter.default_precision, {name: options.get(name) for name in adapter.options})
+        adapter.check(adapter.default_precision, {o.name: options.get(o.name) for o in adapter.options})
 
 
 @pytest.mark.parametrize(
@@ -137,6 +137,16 @@ def test_bad_options_are_one_line_errors(target, options, message):
         ({"target": "awq", "desc_act": True}, "--desc-act does not apply to target 'awq'"),
         ({"target": "bnb", "group_size": 64}, "--group-size does not apply to target 'bnb'"),
         ({"target": "torchao", "device": "cpu"}, "--device does not apply to target 'torchao'"),
+        # where an option applies is each target's declaration, checked before any work for every target alike
+        ({"target": "mlx", "precision": "fp16", "group_size": 64}, "--group-size applies to mlx 4bit/8bit, not"),
+        ({"target": "mlx", "precision": "8bit", "recipe": "mixed_3_4"}, "--recipe applies to mlx 4bit, not to 8bit"),
+        ({"target": "mlx", "precision": "8bit", "method": "gptq"}, "--method applies to mlx 4bit, not to 8bit"),
+        ({"target": "ort-genai", "precision": "fp32", "group_size": 32}, "--group-size applies to ort-genai int4/int8"),
+        ({"target": "ort-genai", "precision": "int8", "int4_algo": "rtn"}, "--int4-algo applies to ort-genai int4,"),
+        ({"target": "openvino", "precision": "int8", "group_size": 32}, "--group-size applies to openvino int4, not"),
+        ({"target": "openvino", "precision": "fp16", "sym": True}, "--sym applies to openvino int4/int8, not to fp16"),
+        ({"target": "mlx", "recipe": "mixed_2_6"}, "--recipe for mlx must be one of mixed_3_4, mixed_4_6"),
+        ({"target": "openvino", "bits": 3}, "no target has an option 'bits'"),
     ],
 )
 def test_convert_refuses_before_any_work(tmp_path, kwargs, message):

@@ -19,7 +19,7 @@ from phiconvert.verify import Fidelity, bound_for, compare
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
 TARGET = load("mlx")
-OPTIONS = dict.fromkeys(TARGET.options)
+OPTIONS = {option.name: None for option in TARGET.options}
 CALIBRATION = pipeline.calibration_samples(None)
 
 
@@ -41,7 +41,7 @@ def fidelity(reference, name: str, artifact: Path) -> Fidelity:
 def test_precision_within_bound(tmp_path, reference, name, precision):
     artifact, details = export(stage(tmp_path, name), tmp_path, precision)
     numbers = fidelity(reference, name, artifact)
-    assert numbers.failures(bound_for(precision)) == []
+    assert numbers.failures(bound_for(TARGET.precisions[precision].bound)) == []
     if precision in ("4bit", "8bit"):
         assert details["quantization"] == {"group_size": 64, "bits": int(precision[0]), "mode": "affine"}
         assert details["full_precision_layers"] == {}
@@ -105,7 +105,7 @@ def test_recipe(tmp_path, reference, recipe):
     assert details["settings"]["recipe"] == recipe
     numbers = fidelity(reference, "tiny-phi4mini", artifact)
     assert details.get("bound", "4bit") == ("mixed_3_4" if recipe == "mixed_3_4" else "4bit")
-    assert numbers.failures(bound_for(details.get("bound", "4bit"))) == []
+    assert numbers.failures(bound_for(details.get("bound", "int4"))) == []
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_gptq_uses_our_calibration_and_never_the_network(tmp_path, reference, mo
     assert details["settings"]["method"] == "gptq"
     assert details["settings"]["calibration"]["samples"] >= 1
     assert details["quantized_layers_by_bits"]["6"] == 1  # the tied embedding: mlx-lm's GPTQ fallback width
-    assert fidelity(reference, "tiny-phi4mini", artifact).failures(bound_for("4bit")) == []
+    assert fidelity(reference, "tiny-phi4mini", artifact).failures(bound_for("int4")) == []
 
 
 def uneven_checkpoint(tmp_path: Path) -> Path:
@@ -185,12 +185,8 @@ def test_end_of_turn_added_when_generation_config_lacks_it(tmp_path):
     ("precision", "options", "message"),
     [
         ("4bit", {"group_size": 48}, "must be one of 32, 64, 128"),
-        ("fp16", {"group_size": 64}, "apply to 4bit and 8bit"),
-        ("bf16", {"method": "gptq"}, "apply to 4bit and 8bit"),
-        ("8bit", {"recipe": "mixed_3_4"}, "use it with --precision 4bit"),
         ("4bit", {"recipe": "mixed_2_6"}, "must be one of mixed_3_4, mixed_4_6"),
         ("4bit", {"method": "awq"}, "must be one of rtn, gptq"),
-        ("8bit", {"method": "gptq"}, "is for --precision 4bit"),
         ("4bit", {"method": "gptq", "recipe": "mixed_4_6"}, "cannot be combined"),
     ],
 )

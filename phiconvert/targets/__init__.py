@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,62 @@ MODULES = {
     "bnb": "bnb",
     "torchao": "torchao",
 }
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One precision a target makes: what it is, its size, and the fidelity bound it answers to."""
+
+    note: str  # one line: what it is (shown in --help, doctor and errors)
+    bits: float  # nominal bits per weight on disk, group scales included: size estimates and the report's theory
+    bound: str  # the row of phiconvert.verify.BOUNDS its fidelity is checked against (its precision class)
+
+
+@dataclass(frozen=True)
+class Option:
+    """An option beyond precision that a target declares: one flag of the CLI and one keyword of
+    ``phiconvert.convert``. Targets that take the same option share one declaration (``GROUP_SIZE``, ...), each
+    narrowing it to the precisions it applies to with ``only``."""
+
+    name: str  # keyword; the flag is --name-with-dashes
+    help: str
+    type: type = str  # str, int or bool (bool: --flag / --no-flag, or --flag / --<off>)
+    choices: tuple[Any, ...] = ()
+    off: str | None = None  # bool: the flag that sets False, when not --no-<flag>
+    precisions: tuple[str, ...] = ()  # the precisions it applies to; empty: all of the target's
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def only(self, *precisions: str) -> Option:
+        return replace(self, precisions=precisions)
+
+    def applies(self, precision: str) -> bool:
+        return not self.precisions or precision in self.precisions
+
+
+# Options more than one target takes.
+GROUP_SIZE = Option("group_size", "quantization group size (target default when omitted)", int)
+SYM = Option("sym", "symmetric quantization (--asym: asymmetric; target default when omitted)", bool, off="asym")
+DEVICE = Option("device", "where calibration and quantization run (auto: CUDA, MPS, else CPU)",
+                choices=("auto", "cpu", "cuda", "mps"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Signature:
+    """How a folder without phiconvert.json is recognised as this target's artifact (``phiconvert bench``)."""
+
+    file: str | None = None  # a glob matching a file only this format writes
+    quant_method: str | None = None  # config.json's quantization_config.quant_method (Hugging Face checkpoints)
+    config_key: str | None = None  # a top-level config.json key only this format writes
+
+    def matches(self, folder: Path, config: dict[str, Any]) -> bool:
+        if self.file:
+            return any(folder.glob(self.file))
+        if self.quant_method:
+            return (config.get("quantization_config") or {}).get("quant_method") == self.quant_method
+        return bool(self.config_key) and self.config_key in config
 
 
 @dataclass(frozen=True)
@@ -80,7 +137,7 @@ class Target:
     extra: str  # pip extra: pip install "phiconvert[<extra>]"
     modules: tuple[str, ...]  # import names that must be importable for the target to run
     packages: tuple[str, ...]  # distributions whose versions go into phiconvert.json
-    precisions: tuple[str, ...]
+    precisions: dict[str, Precision]
     default_precision: str
     # export(job) -> details for the report (real bits per weight, layers kept in full precision, ...)
     export: Callable[[ExportJob], dict[str, Any]]
@@ -94,10 +151,10 @@ class Target:
     # generate(ids, new_tokens) -> tokens generated: greedy from exactly ``ids`` (no BOS, no template), exactly
     # ``new_tokens`` new tokens whatever they are (end-of-turn ignored), from a fresh state on every call
     runner: Callable[[Path], Generate]
-    # options beyond precision that this target accepts (names of phiconvert.convert keyword arguments)
-    options: tuple[str, ...] = ()
-    # precision -> one line on what it is, shown in --help and errors
-    notes: dict[str, str] = field(default_factory=dict)
+    # how its artifact is recognised without phiconvert.json
+    signature: Signature
+    # options beyond precision that this target accepts (keywords of phiconvert.convert, flags of the CLI)
+    options: tuple[Option, ...] = ()
     # check(precision, options): refuse a combination the target cannot do, before any work starts
     check: Callable[[str, dict[str, Any]], None] | None = None
     # peak memory per stage, for the pre-flight check; a target not yet measured at real size assumes the source's
@@ -118,6 +175,42 @@ class Target:
 
 def names() -> list[str]:
     return list(MODULES)
+
+
+def recognise(folder: Path) -> str | None:
+    """The target whose artifact ``folder`` holds, by the files and config keys the targets declare (files first:
+    an OpenVINO or ORT GenAI folder also carries a Hugging Face config.json)."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    declared = sorted(((name, load(name).signature) for name in names()), key=lambda item: item[1].file is None)
+    return next((name for name, signature in declared if signature.matches(folder, config)), None)
+
+
+def options() -> dict[str, list[tuple[str, Option]]]:
+    """Every option any target declares, with each target's declaration: what the CLI makes its flags of."""
+    found: dict[str, list[tuple[str, Option]]] = {}
+    for name in names():
+        for option in load(name).options:
+            found.setdefault(option.name, []).append((name, option))
+    return found
+
+
+def chosen_options(target: Target, precision: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options ``target`` declares, with None for "target default", refusing a given one it would ignore."""
+    declared = {option.name: option for option in target.options}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name not in declared:
+            raise PhiconvertError(f"--{name.replace('_', '-')} does not apply to target '{target.name}'")
+        option = declared[name]
+        if not option.applies(precision):
+            raise PhiconvertError(f"{option.flag} applies to {target.name} {'/'.join(option.precisions)}, "
+                                  f"not to {precision}")  # fmt: skip
+        if option.choices and value not in option.choices:
+            raise PhiconvertError(f"{option.flag} for {target.name} must be one of "
+                                  f"{', '.join(map(str, option.choices))}, not '{value}'")  # fmt: skip
+    return {name: given.get(name) for name in declared}
 
 
 def load(name: str) -> Target:

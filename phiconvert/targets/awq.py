@@ -16,7 +16,7 @@ import shutil
 from typing import Any
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Target, hf_common
+from phiconvert.targets import DEVICE, GROUP_SIZE, SYM, ExportJob, Precision, Signature, Target, hf_common
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
@@ -120,14 +120,18 @@ TARGET = Target(
     extra="gptq",
     modules=("gptqmodel", "auto_round"),
     packages=("auto-round", "gptqmodel", "transformers", "torch"),
-    precisions=("int4",),
+    precisions={
+        "int4": Precision(
+            "AWQ 4-bit, asymmetric, group 128 by default (--group-size 32/64/128, --sym)", bits=4.2, bound="int4"
+        ),
+    },
+    signature=Signature(quant_method="awq"),
     default_precision="int4",
     export=export,
     smoke=hf_common.smoke,
     logits=hf_common.logits,
     runner=hf_common.runner,
-    options=("group_size", "sym", "device"),
+    options=(GROUP_SIZE, SYM, DEVICE),
     check=check,
     environment="gptq",
-    notes={"int4": "AWQ 4-bit, asymmetric, group 128 by default (--group-size 32/64/128, --sym)"},
 )

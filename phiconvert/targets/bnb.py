@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Memory, Target, hf_common
+from phiconvert.targets import ExportJob, Memory, Precision, Signature, Target, hf_common
 
 # a fixed prompt for the reload check (the smoke test's prompt is the pipeline's business)
 PROBE = [{"role": "user", "content": "How do I reverse a list in Python?"}]
@@ -78,7 +78,12 @@ TARGET = Target(
     extra="bnb",
     modules=("bitsandbytes",),
     packages=("bitsandbytes", "transformers", "torch"),
-    precisions=("nf4", "fp4", "int8"),
+    precisions={
+        "nf4": Precision("4-bit NormalFloat, blocks of 64, float32 compute", bits=4.5, bound="int4"),
+        "fp4": Precision("4-bit float, blocks of 64, float32 compute", bits=4.5, bound="int4"),
+        "int8": Precision("LLM.int8(): per-row int8 with outlier columns in 16-bit", bits=8.0, bound="int8"),
+    },
+    signature=Signature(quant_method="bitsandbytes"),
     default_precision="nf4",
     export=export,
     smoke=hf_common.smoke,
@@ -88,9 +93,4 @@ TARGET = Target(
     # CPU load holds about a float32 copy of the weights besides the 4-bit ones: not yet understood)
     memory=Memory(export=(1.3, 1.0), runtime=(7.1, 4.4)),
     check=check,
-    notes={
-        "nf4": "4-bit NormalFloat, blocks of 64, float32 compute",
-        "fp4": "4-bit float, blocks of 64, float32 compute",
-        "int8": "LLM.int8(): per-row int8 with outlier columns in 16-bit",
-    },
 )

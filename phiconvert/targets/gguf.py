@@ -20,7 +20,7 @@ import numpy as np
 
 from phiconvert import progress
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Generate, Logits, Memory, Smoke, Target
+from phiconvert.targets import ExportJob, Generate, Logits, Memory, Precision, Signature, Smoke, Target
 
 # precision -> llama.cpp file type (llama_ftype) for llama_model_quantize; f16/bf16 are written directly
 QUANTIZED = {
@@ -32,7 +32,6 @@ QUANTIZED = {
 }
 K_QUANTS = ("q6_k", "q5_k_m", "q4_k_m")
 # bits per weight llama.cpp's types take on a Phi model, to follow the quantizer's output file as it grows
-NOMINAL_BITS = {"q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_0": 4.5}
 CONTEXT_PAD = 256  # llama.cpp rounds every context size up to a multiple of this
 LOGITS_BATCH = 512  # positions decoded (and their logits returned) at a time
 
@@ -51,7 +50,7 @@ def export(job: ExportJob) -> dict[str, Any]:
         dtype = "bf16" if all(t.dtype == "BF16" for t in tensors) else "f16"
         intermediate = job.work / f"model-{dtype.upper()}.gguf"
         details = write_gguf(job.source, intermediate, dtype)
-        expected = int(sum(t.size for t in tensors) * NOMINAL_BITS[job.precision] / 8)
+        expected = int(sum(t.size for t in tensors) * TARGET.precisions[job.precision].bits / 8)
         with progress.watch_file(path, expected, "llama.cpp quantize"):
             _quantize(intermediate, path, job.precision)
         intermediate.unlink()
@@ -245,7 +244,20 @@ TARGET = Target(
     extra="gguf",
     modules=("gguf", "llama_cpp"),
     packages=("gguf", "llama-cpp-python"),
-    precisions=("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "f16", "bf16"),
+    precisions={
+        "q4_k_m": Precision(
+            "4-bit K-quants, some tensors and the output/tied embedding in Q6_K: llama.cpp's usual default",
+            bits=4.9,
+            bound="int4",
+        ),
+        "q5_k_m": Precision("5-bit K-quants with the same Q6_K exceptions", bits=5.7, bound="int4"),
+        "q6_k": Precision("6-bit K-quants (6.56 bits/weight): close to F16", bits=6.6, bound="int8"),
+        "q8_0": Precision("8-bit blocks of 32 (8.5 bits/weight): nearly lossless", bits=8.5, bound="int8"),
+        "q4_0": Precision("legacy 4-bit blocks of 32 (4.5 bits/weight): the least accurate", bits=4.5, bound="int4"),
+        "f16": Precision("16-bit float, no quantization", bits=16, bound="fp16"),
+        "bf16": Precision("bfloat16: the exact weights of a bf16 checkpoint", bits=16, bound="bf16"),
+    },
+    signature=Signature(file="*.gguf"),
     default_precision="q4_k_m",
     export=export,
     smoke=smoke,
@@ -255,13 +267,4 @@ TARGET = Target(
     # embedding (tensor by tensor: the BF16 intermediate, then llama.cpp's quantizer); verification 5.93 / 15.62 GiB
     # (the model mapped and repacked for the CPU, a batch's logits)
     memory=Memory(export=(0.0, 0.2), runtime=(1.7, 2.5), window_logits=0, tensor_copies=2.0),
-    notes={
-        "q4_k_m": "4-bit K-quants, some tensors and the output/tied embedding in Q6_K: llama.cpp's usual default",
-        "q5_k_m": "5-bit K-quants with the same Q6_K exceptions",
-        "q6_k": "6-bit K-quants (6.56 bits/weight): close to F16",
-        "q8_0": "8-bit blocks of 32 (8.5 bits/weight): nearly lossless",
-        "q4_0": "legacy 4-bit blocks of 32 (4.5 bits/weight): the least accurate",
-        "f16": "16-bit float, no quantization",
-        "bf16": "bfloat16: the exact weights of a bf16 checkpoint",
-    },
 )

@@ -13,7 +13,7 @@ from typing import Any
 from phiconvert.errors import PhiconvertError
 from phiconvert.gptq import DAMP, Settings, quantize_model, save
 from phiconvert.reference import SourceModel
-from phiconvert.targets import ExportJob, Target, hf_common
+from phiconvert.targets import DEVICE, GROUP_SIZE, SYM, ExportJob, Option, Precision, Signature, Target, hf_common
 
 BITS = {"int4": 4, "int8": 8}
 GROUP_SIZES = (32, 64, 128)
@@ -91,17 +91,26 @@ TARGET = Target(
     extra="gptq",
     modules=("gptqmodel", "optimum"),
     packages=("gptqmodel", "optimum", "transformers", "torch"),
-    precisions=("int4", "int8"),
+    precisions={
+        "int4": Precision(
+            "GPTQ 4-bit, symmetric, group 128 by default (--group-size 32/64/128, --asym, --desc-act)",
+            bits=4.2,
+            bound="int4",
+        ),
+        "int8": Precision("GPTQ 8-bit, symmetric, group 128 by default", bits=8.2, bound="int8"),
+    },
+    signature=Signature(quant_method="gptq"),
     default_precision="int4",
     export=export,
     smoke=hf_common.smoke,
     logits=hf_common.logits,
     runner=hf_common.runner,
-    options=("group_size", "sym", "desc_act", "device"),
+    options=(
+        GROUP_SIZE,
+        SYM,
+        Option("desc_act", "quantize columns in order of decreasing activation (act-order)", bool),
+        DEVICE,
+    ),
     check=check,
     environment="gptq",
-    notes={
-        "int4": "GPTQ 4-bit, symmetric, group 128 by default (--group-size 32/64/128, --asym, --desc-act)",
-        "int8": "GPTQ 8-bit, symmetric, group 128 by default",
-    },
 )

@@ -17,7 +17,18 @@ from typing import Any
 import numpy as np
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Generate, Logits, Memory, Smoke, Target
+from phiconvert.targets import (
+    GROUP_SIZE,
+    ExportJob,
+    Generate,
+    Logits,
+    Memory,
+    Option,
+    Precision,
+    Signature,
+    Smoke,
+    Target,
+)
 
 # precision -> (bits, dtype of the float weights); bits None = not quantized, dtype None = the source's dtype
 PRECISIONS = {"4bit": (4, None), "8bit": (8, None), "fp16": (None, "float16"), "bf16": (None, "bfloat16")}
@@ -29,28 +40,27 @@ METHODS = ("rtn", "gptq")
 GPTQ_SEQUENCE_LENGTH = 512
 GPTQ_MAX_SAMPLES = 128
 GPTQ_FALLBACK_BITS = 6
+OPTIONS = (
+    GROUP_SIZE.only("4bit", "8bit"),
+    Option("recipe", "mixed-precision recipe (more bits for v_proj, down_proj, lm_head)", choices=RECIPES,
+           precisions=("4bit",)),
+    Option("method", "round-to-nearest (default) or GPTQ calibrated on --calibration", choices=METHODS,
+           precisions=("4bit",)),
+)  # fmt: skip
 
 
 def _settings(precision: str, options: dict[str, Any]) -> dict[str, Any]:
     """The quantization settings to use, refusing combinations mlx-lm would reject or silently ignore."""
     bits, dtype = PRECISIONS[precision]
     group_size, recipe, method = options.get("group_size"), options.get("recipe"), options.get("method")
-    if bits is None and (group_size is not None or recipe is not None or method is not None):
-        raise PhiconvertError(f"--group-size, --recipe and --method apply to 4bit and 8bit, not to {precision}")
     if group_size is not None and group_size not in GROUP_SIZES:
         raise PhiconvertError(
             f"--group-size for mlx must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}"
         )
     if recipe is not None and recipe not in RECIPES:
         raise PhiconvertError(f"--recipe for mlx must be one of {', '.join(RECIPES)}, not '{recipe}'")
-    if recipe is not None and precision != "4bit":
-        raise PhiconvertError(
-            f"--recipe {recipe} mixes 3/4/6-bit layers: use it with --precision 4bit, not {precision}"
-        )
     if method is not None and method not in METHODS:
         raise PhiconvertError(f"--method for mlx must be one of {', '.join(METHODS)}, not '{method}'")
-    if method == "gptq" and precision != "4bit":
-        raise PhiconvertError(f"--method gptq is for --precision 4bit; {precision} round-to-nearest is near-lossless")
     if method == "gptq" and recipe is not None:
         raise PhiconvertError("--method gptq and --recipe cannot be combined (mlx-lm's GPTQ uses one bit width)")
     return {
@@ -275,13 +285,23 @@ TARGET = Target(
     extra="mlx",
     modules=("mlx", "mlx_lm"),
     packages=("mlx-lm", "mlx", "mlx-metal", "mlx-cpu", "transformers"),
-    precisions=tuple(PRECISIONS),
+    precisions={
+        "4bit": Precision(
+            "affine 4-bit, group size 64 (32/64/128); --recipe mixed_3_4|mixed_4_6; --method gptq",
+            bits=4.5,
+            bound="int4",
+        ),
+        "8bit": Precision("affine 8-bit, group size 64 (32/64/128)", bits=8.5, bound="int8"),
+        "fp16": Precision("float16 weights, unquantized", bits=16, bound="fp16"),
+        "bf16": Precision("bfloat16 weights, unquantized", bits=16, bound="bf16"),
+    },
+    signature=Signature(config_key="quantization"),
     default_precision="4bit",
     export=export,
     smoke=smoke,
     logits=logits,
     runner=runner,
-    options=("group_size", "recipe", "method"),
+    options=OPTIONS,
     # measured 2026-12-02, Phi-4-mini 4bit: export 3.93 GiB (one weight at a time); runtime estimated
     memory=Memory(export=(0.5, 0.35), runtime=(1.2, 1.0)),
     # measured 2026-12-02, Phi-4-mini 4bit on mlx-cpu (one thread): 16-token prompt in 408 s, 25.8 s per new token
@@ -290,11 +310,5 @@ TARGET = Target(
     variants={
         "stock": "stock mlx-lm rotates with longrope's long factor below the original context too, where "
         "transformers uses the short one (verification applied transformers' rule)"
-    },
-    notes={
-        "4bit": "affine 4-bit, group size 64 (32/64/128); --recipe mixed_3_4|mixed_4_6; --method gptq",
-        "8bit": "affine 8-bit, group size 64 (32/64/128)",
-        "fp16": "float16 weights, unquantized",
-        "bf16": "bfloat16 weights, unquantized",
     },
 )

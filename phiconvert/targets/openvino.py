@@ -18,7 +18,7 @@ import numpy as np
 
 from phiconvert.errors import PhiconvertError
 from phiconvert.source import parameter_count
-from phiconvert.targets import ExportJob, Generate, Logits, Memory, Smoke, Target
+from phiconvert.targets import GROUP_SIZE, SYM, ExportJob, Generate, Logits, Memory, Precision, Signature, Smoke, Target
 
 TASK = "text-generation-with-past"
 # This CPU plugin defaults to bf16 inference and dynamic quantization; verification wants the IR's own numbers.
@@ -31,13 +31,6 @@ def int4_defaults(config: dict[str, Any]) -> tuple[int, bool]:
     """(group size, symmetric) for int4: Phi-4-mini's known-good asym/64, else optimum-intel's asym/128."""
     phi4_mini_like = config.get("partial_rotary_factor", 1.0) < 1.0
     return (64 if phi4_mini_like else 128), False
-
-
-def check(precision: str, options: dict[str, Any]) -> None:
-    if precision != "int4" and options.get("group_size"):
-        raise PhiconvertError(f"openvino {precision} is per-channel; --group-size applies to int4 only")
-    if precision == "fp16" and options.get("sym") is not None:
-        raise PhiconvertError("openvino fp16 is not quantized; --sym/--asym apply to int4 and int8")
 
 
 def export(job: ExportJob) -> dict[str, Any]:
@@ -159,21 +152,24 @@ TARGET = Target(
     extra="openvino",
     modules=("openvino", "optimum.intel", "nncf", "openvino_genai", "openvino_tokenizers"),
     packages=("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "nncf", "transformers", "torch"),
-    precisions=("int4", "int8", "fp16"),
+    precisions={
+        "int4": Precision(
+            "AWQ, data-free (data-aware + scale estimation with --calibration); asym, group 64 for "
+            "Phi-4-mini-like models, else 128",
+            bits=4.5,
+            bound="int4",
+        ),
+        "int8": Precision("per-channel asymmetric, data-free", bits=8.0, bound="int8"),
+        "fp16": Precision("fp16 weights, no quantization", bits=16, bound="fp16"),
+    },
+    signature=Signature(file="openvino_model.xml"),
     default_precision="int4",
     export=export,
     smoke=smoke,
     logits=logits,
     runner=runner,
-    options=("group_size", "sym"),
-    check=check,
+    options=(GROUP_SIZE.only("int4"), SYM.only("int4", "int8")),
     # measured 2026-12-02, Phi-4-mini int4: export 11.67 GiB (optimum-intel's export holds the torch model and the
     # IR it converts), smoke test 5.69 GiB, logits of a 384-token window 7.03 GiB
     memory=Memory(export=(1.55, 0.6), runtime=(1.5, 3.7)),
-    notes={
-        "int4": "AWQ, data-free (data-aware + scale estimation with --calibration); asym, group 64 for "
-        "Phi-4-mini-like models, else 128",
-        "int8": "per-channel asymmetric, data-free",
-        "fp16": "fp16 weights, no quantization",
-    },
 )

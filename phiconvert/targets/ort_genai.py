@@ -23,7 +23,19 @@ import numpy as np
 from phiconvert import progress
 from phiconvert.errors import PhiconvertError
 from phiconvert.source import parameter_count
-from phiconvert.targets import ExportJob, Generate, Logits, Memory, Smoke, Target
+from phiconvert.targets import (
+    GROUP_SIZE,
+    SYM,
+    ExportJob,
+    Generate,
+    Logits,
+    Memory,
+    Option,
+    Precision,
+    Signature,
+    Smoke,
+    Target,
+)
 
 # Precisions the builder makes per execution provider. There is no CPU fp16: the builder's CPU fp16 graph
 # (MultiHeadAttention with repeat_kv, GroupQueryAttention being fp32-only there) fails at the first decode step.
@@ -51,8 +63,19 @@ DEFAULTS = {
     "int8_lm_head": True,
 }
 SEQUENCE_LENGTH, MAX_SAMPLES = 512, 128  # GPTQ calibration chunks
-QUANTIZATION_OPTIONS = ("group_size", "sym", "accuracy_level")
-INT4_OPTIONS = ("int4_algo", "int8_lm_head")
+QUANTIZED = ("int4", "int8")
+OPTIONS = (
+    Option("ep", "execution provider the model is built for (default cpu)", choices=tuple(PROVIDER_PRECISIONS)),
+    GROUP_SIZE.only(*QUANTIZED),
+    SYM.only(*QUANTIZED),
+    Option("accuracy_level", "compute type of quantized MatMuls (4 int8 activations, 1 fp32, 0 provider's)", int,
+           choices=ACCURACY_LEVELS, precisions=QUANTIZED),
+    Option("int4_algo", "int4 quantizer. gptq_mixed (default): phiconvert's GPTQ on --calibration, one layer in "
+           "memory at a time, sensitive layers at 8 bits; rtn, k_quant, k_quant_mixed: the builder's own, which "
+           "builds the whole model in float32 first", choices=INT4_ALGOS, precisions=("int4",)),
+    Option("int8_lm_head", "keep the LM head (and tied embeddings) at 8 bits in int4 (default on)", bool,
+           precisions=("int4",)),
+)  # fmt: skip
 
 
 def flag(name: str) -> str:
@@ -60,15 +83,10 @@ def flag(name: str) -> str:
 
 
 def settings_for(precision: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The real settings of this export (the user's options over our defaults), refusing ones that cannot apply."""
-    applicable = {"int4": QUANTIZATION_OPTIONS + INT4_OPTIONS, "int8": QUANTIZATION_OPTIONS}.get(precision, ())
-    inapplicable = [
-        n for n in QUANTIZATION_OPTIONS + INT4_OPTIONS if options.get(n) is not None and n not in applicable
-    ]
-    if inapplicable:
-        only = "int4 and int8" if precision in ("fp16", "fp32") else "int4"
-        raise PhiconvertError(f"ort-genai {precision}: {', '.join(map(flag, inapplicable))} apply to {only} only")
-    settings = {name: DEFAULTS[name] if options.get(name) is None else options[name] for name in ("ep", *applicable)}
+    """The real settings of this export (the user's options over our defaults, for those that apply to
+    ``precision``), refusing values the builder cannot make."""
+    applicable = [option.name for option in OPTIONS if option.applies(precision)]
+    settings = {name: DEFAULTS[name] if options.get(name) is None else options[name] for name in applicable}
     if "accuracy_level" in settings and settings["accuracy_level"] is None:
         settings["accuracy_level"] = 4 if settings["ep"] == "cpu" else 0  # 0: the GPU provider's choice
     choices = {"ep": PROVIDER_PRECISIONS, "group_size": BLOCK_SIZES, "accuracy_level": ACCURACY_LEVELS,
@@ -478,21 +496,25 @@ TARGET = Target(
     extra="ort-genai",
     modules=("onnxruntime_genai", "onnx_ir", "onnx"),
     packages=("onnxruntime-genai", "onnxruntime", "onnx-ir", "onnx"),
-    precisions=("int4", "int8", "fp16", "fp32"),
+    precisions={
+        "int4": Precision(
+            "4-bit GPTQ layer by layer, asymmetric, blocks of 32; LM head and the k-quant-mixed layers at 8 bits",
+            bits=4.6,
+            bound="int4",
+        ),
+        "int8": Precision("8-bit weights, blocks of 32", bits=8.5, bound="int8"),
+        "fp16": Precision("float16 weights and activations, for --ep cuda or dml", bits=16, bound="fp16"),
+        "fp32": Precision("float32, exact", bits=32, bound="fp32"),
+    },
+    signature=Signature(file="genai_config.json"),
     default_precision="int4",
     export=export,
     smoke=smoke,
     logits=logits,
     runner=runner,
-    options=tuple(DEFAULTS),
+    options=OPTIONS,
     check=lambda precision, options: settings_for(precision, options) and None,
     # measured 2026-12-02, Phi-4-mini int4: export 16.0 GiB (the builder holds the packed graph, a protobuf copy
     # and its quantizer's), smoke test and logits 7.0 GiB
     memory=Memory(export=(2.1, 1.0), runtime=(2.0, 2.7)),
-    notes={
-        "int4": "4-bit GPTQ layer by layer, asymmetric, blocks of 32; LM head and the k-quant-mixed layers at 8 bits",
-        "int8": "8-bit weights, blocks of 32",
-        "fp16": "float16 weights and activations, for --ep cuda or dml",
-        "fp32": "float32, exact",
-    },
 )

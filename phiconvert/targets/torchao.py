@@ -12,7 +12,7 @@ from typing import Any
 
 from phiconvert import weights
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Memory, Target, hf_common
+from phiconvert.targets import GROUP_SIZE, SYM, ExportJob, Memory, Precision, Signature, Target, hf_common
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
@@ -116,7 +116,14 @@ TARGET = Target(
     extra="torchao",
     modules=("torchao",),
     packages=("torchao", "transformers", "torch"),
-    precisions=("8da4w",),
+    precisions={
+        "8da4w": Precision(
+            "int8 dynamic activations + int4 weights per group of 32; int8 embeddings (ExecuTorch recipe)",
+            bits=4.5,
+            bound="int4",
+        ),
+    },
+    signature=Signature(quant_method="torchao"),
     default_precision="8da4w",
     export=export,
     smoke=hf_common.smoke,
@@ -125,7 +132,6 @@ TARGET = Target(
     # measured 2026-12-02, Phi-4-mini 8da4w: export 14.02 GiB (transformers loads the float32 model before torchao
     # quantizes it), smoke test 14.71 GiB and 1137 s for 48 tokens, logits 19.49 GiB
     memory=Memory(export=(2.0, 0.0), runtime=(7.1, 5.2)),
-    options=("group_size", "sym"),
+    options=(GROUP_SIZE, SYM),
     check=check,
-    notes={"8da4w": "int8 dynamic activations + int4 weights per group of 32; int8 embeddings (ExecuTorch recipe)"},
 )

@@ -1,0 +1,68 @@
+"""The targets' declarations (precisions, options, artifact signatures) and what reads them: consistent with each
+other, with the verification bounds, and with the CLI, so adding a target is its module and nothing else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from phiconvert import cli, targets, verify
+
+
+@pytest.mark.parametrize("name", targets.names())
+def test_a_target_declares_what_the_checks_and_reports_read(name):
+    target = targets.load(name)
+    assert target.default_precision in target.precisions
+    for precision, declared in target.precisions.items():
+        assert declared.bound in verify.BOUNDS, (precision, declared.bound)
+        assert 1 < declared.bits <= 32 and declared.note, precision
+    for option in target.options:
+        assert set(option.precisions) <= set(target.precisions), option.name
+        assert option.type in (str, int, bool), option.name
+
+
+def test_the_cli_has_one_flag_per_declared_option_and_takes_them_to_convert():
+    parser = cli.convert_parser()
+    flags = {s for action in parser._actions for s in action.option_strings}
+    for name, declared in targets.options().items():
+        assert declared[0][1].flag in flags, name
+    args = parser.parse_args(["--target", "ort-genai", "--asym", "--no-int8-lm-head", "--accuracy-level", "1"])
+    assert (args.sym, args.int8_lm_head, args.accuracy_level, args.group_size) == (False, False, 1, None)
+    assert set(targets.options()) <= set(vars(args))
+
+
+def test_help_lists_every_precision_with_its_note():
+    text = cli.convert_parser().format_help()
+    for name in targets.names():
+        for precision, declared in targets.load(name).precisions.items():
+            assert f"{precision:<8} {declared.note}" in text
+
+
+def test_int4_selects_every_precision_whose_bound_is_int4():
+    from phiconvert.pipeline import select
+
+    expected = {(n, p) for n in targets.names() for p, d in targets.load(n).precisions.items() if d.bound == "int4"}
+    assert set(select("all", "int4")) == expected
+
+
+@pytest.mark.parametrize(
+    ("files", "config", "expected"),
+    [
+        ({"model-q4_k_m.gguf": ""}, None, "gguf"),
+        ({"openvino_model.xml": ""}, {"quantization_config": {"quant_method": "awq"}}, "openvino"),
+        ({"genai_config.json": "{}"}, {}, "ort-genai"),
+        ({}, {"quantization": {"group_size": 64, "bits": 4}}, "mlx"),
+        ({}, {"quantization_config": {"quant_method": "gptq"}}, "gptq"),
+        ({}, {"quantization_config": {"quant_method": "awq"}}, "awq"),
+        ({}, {"quantization_config": {"quant_method": "bitsandbytes"}}, "bnb"),
+        ({}, {"quantization_config": {"quant_method": "torchao"}}, "torchao"),
+        ({}, {"architectures": ["LlamaForCausalLM"]}, None),
+    ],
+)
+def test_an_artifact_is_recognised_by_its_targets_signature(tmp_path, files, config, expected):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    assert targets.recognise(tmp_path) == expected
