@@ -17,6 +17,7 @@ from typing import Any
 
 from phiconvert import source, targets
 from phiconvert.errors import PhiconvertError
+from phiconvert.protocol import BenchJob
 from phiconvert.source import HELDOUT
 from phiconvert.workers import Progress, emit_with, run_worker, worker_python
 
@@ -100,8 +101,7 @@ def measure(
     """Bench one folder in its own worker; returns load time and memory, and tokens/s per prompt length."""
     python = sys.executable if kind == SOURCE else worker_python(targets.load(kind))
     label = f"bench-{kind}"
-    job = {"kind": "bench", "target": kind, "artifact": str(path), "prompts": prompts, "new_tokens": new_tokens,
-           "repeats": repeats}  # fmt: skip
+    job = BenchJob(target=kind, artifact=str(path), prompts=prompts, new_tokens=new_tokens, repeats=repeats)
     run = run_worker(python, job, work, label, emit_with(progress, f"{kind} {info.get('precision', '')}".strip()))
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
     return {

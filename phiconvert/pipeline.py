@@ -22,6 +22,7 @@ from typing import Any
 
 from phiconvert import __version__, bench, hardware, preflight, report, source, targets, verify
 from phiconvert.errors import PhiconvertError
+from phiconvert.protocol import ReferenceJob, SourceChatJob, TargetJob
 from phiconvert.worker import timed_stage
 from phiconvert.workers import Progress, emit_with, quiet, run_worker, worker_python
 
@@ -218,8 +219,7 @@ def run_reference(staging: Path, windows: list[tuple[int, int]], temp: Path, emi
         return None
     work = temp / "reference"
     work.mkdir()
-    job = {"kind": "reference", "source": str(staging), "text_file": str(source.HELDOUT), "windows": windows,
-           "out": str(work)}  # fmt: skip
+    job = ReferenceJob(source=str(staging), text_file=str(source.HELDOUT), windows=windows, out=str(work))
     run = run_worker(sys.executable, job, work, "reference", emit)
     files = [str(work / f"source-{i}.npy") for i in range(len(windows))]
     return {**run, "windows": windows, "files": files}
@@ -245,22 +245,21 @@ def convert_pair(
     artifact, work = temp / label, temp / f"work-{label}"
     artifact.mkdir()
     (work / "target").mkdir(parents=True)
-    job = {
-        "kind": "target",
-        "source": str(staging),
-        "messages": MESSAGES,
-        "max_new_tokens": MAX_NEW_TOKENS,
-        "target": pair.target,
-        "precision": pair.precision,
-        "options": pair.options,
-        "calibration": samples,
-        "calibration_given": calibration_given,
-        "output": str(artifact),
-        "work": str(work / "target"),
-        "sequences": reference["result"]["sequences"] if reference else None,
-        "source_logprobs": reference["files"] if reference else None,
-        "positions_out": str(work),
-    }
+    job = TargetJob(
+        target=pair.target,
+        precision=pair.precision,
+        options=pair.options or {},
+        source=str(staging),
+        output=str(artifact),
+        work=str(work / "target"),
+        calibration=samples,
+        calibration_given=calibration_given,
+        messages=MESSAGES,
+        max_new_tokens=MAX_NEW_TOKENS,
+        sequences=reference["result"]["sequences"] if reference else None,
+        source_logprobs=reference["files"] if reference else None,
+        positions_out=str(work),
+    )
     started = time.perf_counter()
     try:
         result = run_worker(pair.python, job, work, pair.target, emit)
@@ -290,8 +289,8 @@ def source_chat(staging: Path, runs: list[dict[str, Any]], temp: Path, emit: Pro
     passed.sort(key=lambda r: r["report"]["fidelity"]["kl"])
     work = temp / "source-chat"
     work.mkdir()
-    job = {"kind": "source-chat", "source": str(staging), "messages": MESSAGES, "max_new_tokens": MAX_NEW_TOKENS,
-           "drafts": [r["report"]["smoke"]["ids"] for r in passed]}  # fmt: skip
+    drafts = [r["report"]["smoke"]["ids"] for r in passed]
+    job = SourceChatJob(source=str(staging), messages=MESSAGES, max_new_tokens=MAX_NEW_TOKENS, drafts=drafts)
     run = run_worker(sys.executable, job, work, "source-chat", emit)
     reply = run["result"]
     for r in passed:

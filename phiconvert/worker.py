@@ -6,11 +6,8 @@ toolchains never share an interpreter. The parent reads JSON-line events from ou
 libraries print is sent to stderr, which the parent keeps as the run's log. This module imports only numpy and
 phiconvert's small modules, so a worker in another environment needs nothing else of phiconvert's dependencies.
 
-Jobs (dicts, written by ``phiconvert.pipeline`` and ``phiconvert.bench``):
-- ``reference``: tokenise the held-out windows and write the source's float32 log-probabilities of each to disk;
-- ``target``: export, smoke-test, then compare the artifact's logits with those files, chunk by chunk;
-- ``source-chat``: the source's greedy chat reply, checking the artifacts' replies as drafts;
-- ``bench``: load time, memory and tokens/s of an artifact or the source.
+Jobs (``phiconvert.protocol``, written by ``phiconvert.pipeline`` and ``phiconvert.bench``): the reference's
+log-probabilities, a target's export + smoke test + comparison, the source's chat reply, a benchmark.
 """
 
 from __future__ import annotations
@@ -27,6 +24,7 @@ from typing import Any
 
 from phiconvert import progress, stops
 from phiconvert.errors import PhiconvertError
+from phiconvert.protocol import BenchJob, Event, ReferenceJob, SourceChatJob, TargetJob, read_job
 
 
 def peak_rss() -> int:
@@ -53,7 +51,7 @@ def reset_peak() -> None:
         pass
 
 
-Send = Callable[[dict[str, Any]], None]
+Send = Callable[[Event], None]
 _highest = {"rss": 0}  # the highest stage peak of this process: its peak over the whole job
 
 
@@ -70,7 +68,7 @@ def timed_stage(send: Send, name: str, fn: Callable, *args: Any) -> Any:
     return result
 
 
-def run_reference(job: dict[str, Any], send: Send) -> dict[str, Any]:
+def run_reference(job: ReferenceJob, send: Send) -> dict[str, Any]:
     """Tokenise the held-out windows and write the source's float32 log-probabilities of each (one file each)."""
     import torch
     from transformers import AutoTokenizer
@@ -78,39 +76,39 @@ def run_reference(job: dict[str, Any], send: Send) -> dict[str, Any]:
     from phiconvert.reference import SourceModel, write_logprobs
 
     torch.manual_seed(0)
-    source = Path(job["source"])
+    source = Path(job.source)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    ids = tokenizer(Path(job["text_file"]).read_text(), add_special_tokens=False)["input_ids"]
-    sequences = [ids[start : start + length] for start, length in job["windows"]]
-    if any(len(s) < length for s, (_, length) in zip(sequences, job["windows"], strict=True)):
-        needed = max(start + length for start, length in job["windows"])
+    ids = tokenizer(Path(job.text_file).read_text(), add_special_tokens=False)["input_ids"]
+    sequences = [ids[start : start + length] for start, length in job.windows]
+    if any(len(s) < length for s, (_, length) in zip(sequences, job.windows, strict=True)):
+        needed = max(start + length for start, length in job.windows)
         raise PhiconvertError(f"the held-out text has {len(ids)} tokens of this tokenizer; the windows need {needed}")
     model = timed_stage(send, "load source", SourceModel, source)
     for i, sequence in enumerate(sequences):
 
         def window(i: int = i, sequence: list[int] = sequence) -> None:
-            out = Path(job["out"]) / f"source-{i}.npy"
+            out = Path(job.out) / f"source-{i}.npy"
             write_logprobs(model, sequence, out, lambda done, total: progress.advance(done, total, "steps"))
 
         timed_stage(send, f"source logits {len(sequence)}", window)
     return {"sequences": sequences}
 
 
-def run_source_chat(job: dict[str, Any], send: Send) -> dict[str, Any]:
+def run_source_chat(job: SourceChatJob, send: Send) -> dict[str, Any]:
     """The source's greedy chat reply (exact, whatever the drafts): text, tokens, whether it ended the turn."""
     from transformers import AutoTokenizer
 
     from phiconvert.reference import SourceModel, greedy_reply
 
-    source = Path(job["source"])
+    source = Path(job.source)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    prompt = tokenizer.apply_chat_template(job["messages"], add_generation_prompt=True, return_dict=True)
+    prompt = tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, return_dict=True)
     stop = set(stops.stop_ids(source, tokenizer))
     model = timed_stage(send, "load source", SourceModel, source)
 
     def chat() -> list[int]:
         tick = lambda done, total: progress.advance(done, total, "tokens")  # noqa: E731
-        return greedy_reply(model, prompt["input_ids"], job["max_new_tokens"], stop, job["drafts"], tick)
+        return greedy_reply(model, prompt["input_ids"], job.max_new_tokens, stop, job.drafts, tick)
 
     new = timed_stage(send, "source chat", chat)
     stopped = bool(new) and new[-1] in stop
@@ -131,13 +129,13 @@ def versions(packages: tuple[str, ...] | list[str]) -> dict[str, str]:
     return found
 
 
-def compare_artifact(target: Any, output: Path, job: dict[str, Any]) -> None:
+def compare_artifact(target: Any, output: Path, job: TargetJob) -> None:
     """The artifact's logits of every window against the source's log-probabilities on disk, a chunk of positions
     at a time; writes each window's per-position numbers (``positions-I.npz``, ``positions-VARIANT-I.npz`` for a
     stock-runtime variant) for the parent to summarise."""
     from phiconvert.verify import Positions, compare_file
 
-    sequences = job["sequences"]
+    sequences = job.sequences or []
     total = sum(len(s) for s in sequences)
     numbers: dict[str, list[Positions]] = {}
     done = 0
@@ -145,41 +143,41 @@ def compare_artifact(target: Any, output: Path, job: dict[str, Any]) -> None:
     for index, start, chunk in target.logits(output, sequences):
         window = index if isinstance(index, int) else index[1]
         key = str(index) if isinstance(index, int) else f"{index[0]}-{window}"
-        source_file = Path(job["source_logprobs"][window])
+        source_file = Path((job.source_logprobs or [])[window])
         numbers.setdefault(key, []).append(compare_file(source_file, start, chunk, sequences[window]))
         if isinstance(index, int):
             done += len(chunk)
             progress.advance(done, total, "tokens")
     for key, parts in numbers.items():
-        Positions.join(parts).save(Path(job["positions_out"]) / f"positions-{key}.npz")
+        Positions.join(parts).save(Path(job.positions_out) / f"positions-{key}.npz")
 
 
-def run_target(job: dict[str, Any], send: Send) -> dict[str, Any]:
+def run_target(job: TargetJob, send: Send) -> dict[str, Any]:
     """Export, smoke-test and (unless told not to) compare the artifact's logits, in the target's runtime."""
     from dataclasses import asdict
 
     from phiconvert.targets import ExportJob, load
 
-    target = load(job["target"])
-    output, work = Path(job["output"]), Path(job["work"])
+    target = load(job.target)
+    output, work = Path(job.output), Path(job.work)
     export_job = ExportJob(
-        source=Path(job["source"]),
+        source=Path(job.source),
         output=output,
-        precision=job["precision"],
-        options=job["options"],
-        calibration=job["calibration"],
+        precision=job.precision,
+        options=job.options,
+        calibration=job.calibration,
         work=work,
-        calibration_given=job["calibration_given"],
+        calibration_given=job.calibration_given,
     )
     details = timed_stage(send, "export", target.export, export_job)
-    smoke = timed_stage(send, "smoke test", target.smoke, output, job["messages"], job["max_new_tokens"])
+    smoke = timed_stage(send, "smoke test", target.smoke, output, job.messages, job.max_new_tokens)
     result: dict[str, Any] = {"details": details, "smoke": asdict(smoke), "versions": versions(target.packages)}
-    if job.get("sequences"):
+    if job.sequences:
         timed_stage(send, "artifact logits", compare_artifact, target, output, job)
     return result
 
 
-def run_bench(job: dict[str, Any], send: Send) -> dict[str, Any]:
+def run_bench(job: BenchJob, send: Send) -> dict[str, Any]:
     """Load time and memory, then the best time to the first token and to ``new_tokens`` tokens per prompt.
 
     Best of the repeats, not their median: timing noise only ever adds time, and generation speed is the
@@ -190,13 +188,13 @@ def run_bench(job: dict[str, Any], send: Send) -> dict[str, Any]:
     from phiconvert import targets
     from phiconvert.targets import hf_common
 
-    name, new_tokens = job["target"], job["new_tokens"]
+    name, new_tokens = job.target, job.new_tokens
     target = None if name == "source" else targets.load(name)
     for module in target.modules if target else ("torch", "transformers"):
         importlib.import_module(module)  # the toolchain's import cost and memory are not the artifact's load
     baseline = peak_rss()
     start = time.perf_counter()
-    generate = timed_stage(send, "load", (target.runner if target else hf_common.runner), Path(job["artifact"]))
+    generate = timed_stage(send, "load", (target.runner if target else hf_common.runner), Path(job.artifact))
     load_seconds, load_rss = time.perf_counter() - start, peak_rss()
 
     def timed(ids: list[int], n: int) -> float:
@@ -207,14 +205,14 @@ def run_bench(job: dict[str, Any], send: Send) -> dict[str, Any]:
         return time.perf_counter() - start
 
     rows = []
-    for ids in job["prompts"]:
+    for ids in job.prompts:
 
         def prompt(ids: list[int] = ids) -> dict[str, Any]:
             # warm-up: a new length's first call allocates and picks kernels (1.5-2.5x slower). Every length gets
             # all the repeats, slow runs too: a single 8 s prefill (mlx's CPU backend, 512 tokens) varied by more
             # than the 1 s its 31 decode steps took, and the difference of two timings came out negative
             timed(ids, 2)
-            repeats = job["repeats"]
+            repeats = job.repeats
             first = min(timed(ids, 1) for _ in range(repeats))
             full = min(timed(ids, new_tokens) for _ in range(repeats))
             decode = (new_tokens - 1) / (full - first) if full > first else None
@@ -226,25 +224,30 @@ def run_bench(job: dict[str, Any], send: Send) -> dict[str, Any]:
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"load_s": load_seconds, "baseline_rss": baseline, "load_rss": load_rss,
             "peak_rss": max(_highest["rss"], peak_rss()),
-            "new_tokens": new_tokens, "repeats": job["repeats"], "load_average": busy, "prompts": rows}  # fmt: skip
+            "new_tokens": new_tokens, "repeats": job.repeats, "load_average": busy, "prompts": rows}  # fmt: skip
 
 
-JOBS = {"reference": run_reference, "source-chat": run_source_chat, "target": run_target, "bench": run_bench}
+RUNS: dict[type, Callable[[Any, Send], dict[str, Any]]] = {
+    ReferenceJob: run_reference,
+    SourceChatJob: run_source_chat,
+    TargetJob: run_target,
+    BenchJob: run_bench,
+}
 
 
 def main() -> None:
     stream = os.fdopen(os.dup(1), "w")
 
-    def send(event: dict[str, Any]) -> None:
+    def send(event: Event) -> None:
         stream.write(json.dumps(event) + "\n")
         stream.flush()
 
     os.dup2(2, 1)  # library chatter, native included, goes to the log, not into our event stream
     sys.stdout = sys.stderr
     progress.attach(send)
-    job = json.loads(Path(sys.argv[1]).read_text())
+    job = read_job(Path(sys.argv[1]))
     try:
-        result = JOBS[job["kind"]](job, send)
+        result = RUNS[type(job)](job, send)
         send({"result": result, "peak_rss": max(_highest["rss"], peak_rss())})
     except PhiconvertError as error:
         send({"error": str(error)})

@@ -20,22 +20,21 @@ from typing import Any
 
 from phiconvert import envs, targets
 from phiconvert.errors import PhiconvertError
+from phiconvert.protocol import Event, Job, write_job
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
-# Events a run reports, as dicts: {"stage", "status": "start"}, {"stage", "status": "progress", "done", "total",
-# "unit"}, {"stage", "status": "done", "seconds", "peak_rss"}, {"stage", "status": "note", "message"}; any of them
-# may carry "label" (the artifact it belongs to, in runs that make several) and "worker".
-Progress = Callable[[dict[str, Any]], None]
+# What a run reports as it goes (phiconvert.protocol.Event): the CLI draws it, the Python API passes it on
+Progress = Callable[[Event], None]
 
 
-def quiet(event: dict[str, Any]) -> None:
+def quiet(event: Event) -> None:
     """A progress callback that shows nothing."""
 
 
 def emit_with(progress: Progress | None, label: str) -> Progress:
     """Progress events tagged with the artifact they belong to, for runs that make several."""
-    return (lambda event: progress({**event, "label": label})) if progress else quiet
+    return (lambda event: progress({**event, "label": label})) if progress else quiet  # type: ignore[typeddict-item]
 
 
 def worker_python(adapter: targets.Target) -> str:
@@ -51,12 +50,12 @@ def worker_python(adapter: targets.Target) -> str:
     raise PhiconvertError(f"target '{adapter.name}' needs: {hint} (missing: {', '.join(missing)})")
 
 
-def run_worker(python: str, job: dict[str, Any], work: Path, label: str, emit: Progress) -> dict[str, Any]:
+def run_worker(python: str, job: Job, work: Path, label: str, emit: Progress) -> dict[str, Any]:
     """Run one worker process to completion, relaying its events; return its final result event with the stages
     it timed. A failed worker's log is kept: its path is in the error."""
     job_file = work / f"{label}.job.json"
     log_file = work / f"{label}.log"
-    job_file.write_text(json.dumps(job))
+    write_job(job, job_file)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
     final: dict[str, Any] = {}
     stages: list[dict[str, Any]] = []

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from phiconvert import source, verify
+from phiconvert.protocol import ReferenceJob
 from phiconvert.source import FIXTURES
 from phiconvert.worker import run_reference
 
@@ -71,8 +72,8 @@ def reference(tmp_path_factory):
     def get(name: str):
         if name not in cache:
             tmp = tmp_path_factory.mktemp(f"reference-{name}")
-            job = {"source": str(stage(tmp, name)), "text_file": str(source.HELDOUT), "windows": verify.WINDOWS,
-                   "out": str(tmp)}  # fmt: skip
+            job = ReferenceJob(source=str(stage(tmp, name)), text_file=str(source.HELDOUT), windows=verify.WINDOWS,
+                               out=str(tmp))  # fmt: skip
             result = run_reference(job, lambda event: None)
             cache[name] = (result["sequences"], [np.load(tmp / f"source-{i}.npy") for i in range(len(verify.WINDOWS))])
         return cache[name]

@@ -15,6 +15,7 @@ from conftest import leftovers, run_cli
 from phiconvert import cli, pipeline, targets
 from phiconvert.errors import PhiconvertError
 from phiconvert.pipeline import select as pairs
+from phiconvert.protocol import TargetJob
 from phiconvert.report import caveats
 from phiconvert.verify import bound_for
 
@@ -138,7 +139,7 @@ def test_a_failing_pair_is_reported_and_the_others_go_on(tmp_path, monkeypatch, 
     real = pipeline.run_worker
 
     def failing_gguf(python, job, work, label, emit):
-        if job["kind"] == "target" and job["target"] == "gguf":
+        if isinstance(job, TargetJob) and job.target == "gguf":
             raise PhiconvertError("gguf: llama.cpp crashed (simulated)")
         return real(python, job, work, label, emit)
 
