@@ -115,7 +115,9 @@ def precisions_help() -> str:
         target = targets.load(name)
         ordered = [target.default_precision, *(p for p in target.precisions if p != target.default_precision)]
         lines.append(f"  {name}:")
-        lines += [f"    {p:<8} {target.precisions[p].note}" for p in ordered]
+        for p in ordered:
+            declared = target.precisions[p]
+            lines.append(f"    {p:<8} {declared.note}" + (" (experimental)" if declared.experimental else ""))
     return "\n".join(lines)
 
 

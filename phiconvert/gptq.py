@@ -250,13 +250,22 @@ def quantize_weight(weight: Any, hessian: Any, chosen: Settings, rtn: bool = Fal
 
 
 def _pack_rows(values: Any, bits: int) -> Any:
-    """Pack unsigned ``bits``-bit integers of dim 0 into int32 words, the first value in the lowest bits."""
+    """Pack unsigned ``bits``-bit integers of dim 0 into int32 words as one little-endian bit stream: value i at
+    bit ``bits * i``. For 2, 4 and 8 bits that is whole values per word, the first in the lowest bits; a 3-bit
+    value may straddle two words (32 values in 3 words: GPTQ's 10-1-10-1-10 layout)."""
     import torch
 
-    per_word = 32 // bits
-    rows = values.to(torch.int64).reshape(values.shape[0] // per_word, per_word, *values.shape[1:])
-    shifts = (torch.arange(per_word, dtype=torch.int64) * bits).reshape(1, per_word, *[1] * (values.dim() - 1))
-    words = (rows << shifts).sum(dim=1)
+    count = values.shape[0]
+    if count * bits % 32:
+        raise PhiconvertError(f"{count} {bits}-bit values do not fill whole 32-bit words")
+    v = values.to(torch.int64)
+    start = torch.arange(count, dtype=torch.int64) * bits
+    word, shift = start // 32, (start % 32).reshape(-1, *[1] * (v.dim() - 1))
+    words = torch.zeros(count * bits // 32, *v.shape[1:], dtype=torch.int64)
+    words.index_add_(0, word, (v << shift) & 0xFFFFFFFF)  # bits never overlap: adding is or-ing
+    spill = (start % 32) + bits > 32
+    if spill.any():  # the high bits of a value that crosses into the next word
+        words.index_add_(0, word[spill] + 1, v[spill] >> (32 - shift[spill]))
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 

@@ -197,7 +197,8 @@ def select(target: str, precision: str | None) -> list[tuple[str, str]]:
                         f"target '{each}' has no {precision} precision: {', '.join(adapter.precisions)}"
                     )
             else:
-                found = list(adapter.precisions) if name == "all" else [adapter.default_precision]
+                stable = [p for p, declared in adapter.precisions.items() if not declared.experimental]
+                found = stable if name == "all" else [adapter.default_precision]
             chosen += [(each, p) for p in found if (each, p) not in chosen]
     if not chosen:
         raise PhiconvertError(f"--target {target} --precision {precision} selects nothing")
@@ -326,6 +327,10 @@ def _report(
     result = target_run["result"]
     details = dict(result["details"])
     caveats = details.pop("caveats", []) + skipped_windows
+    declared = pair.adapter.precisions[pair.precision]
+    if declared.experimental:
+        caveats.insert(0, f"{pair.label} is experimental: {declared.note}; checked against its own looser bound "
+                          f"({declared.bound})")  # fmt: skip
     fidelity = None
     if reference is not None:
         windows = reference["windows"]

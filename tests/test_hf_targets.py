@@ -29,10 +29,17 @@ needs_gptq_env = pytest.mark.skipif(not GPTQ_READY, reason="no GPTQ toolchain: r
 
 
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of the GPTQ packing along dim 0, written independently of the module under test."""
-    per_word = 32 // bits
-    parts = [(words.to(torch.int64) >> (bits * k)) & (2**bits - 1) for k in range(per_word)]
-    return torch.stack(parts, dim=1).reshape(words.shape[0] * per_word, *words.shape[1:])
+    """Inverse of the GPTQ packing along dim 0 (a little-endian bit stream, value i at bit bits * i), written
+    independently of the module under test: one value at a time."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    values = []
+    for i in range(words.shape[0] * 32 // bits):
+        word, shift = divmod(i * bits, 32)
+        value = w[word] >> shift
+        if shift + bits > 32:
+            value = value | (w[word + 1] << (32 - shift))
+        values.append(value & (2**bits - 1))
+    return torch.stack(values)
 
 
 def correlated_layer(out_features: int = 96, in_features: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +55,7 @@ def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch
     return float(torch.trace(delta @ hessian @ delta.T))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("desc_act", [False, True])
 def test_gptq_checkpoint_layout_dequantizes_to_the_quantized_weight(bits, sym, desc_act):
@@ -254,3 +261,16 @@ def test_convert_through_the_managed_environment(target_all, tmp_path, target, p
         assert bool(report["caveats"]) == bool(skipped) and (not skipped or str(len(skipped)) in report["caveats"][0])
     if target == "gptq":
         assert config["desc_act"] == bool(options.get("desc_act")) and config["sym"] == options.get("sym", True)
+
+
+@pytest.mark.slow
+@needs_gptq_env
+def test_experimental_gptq_3_bits_loads_and_passes_its_own_bound(tmp_path):
+    """Asymmetric 3 bits: weights and zero points both straddle 32-bit words (32 values in 3 words)."""
+    report = phiconvert.convert(target="gptq", precision="int3", output=tmp_path / "out", sym=False, group_size=64,
+                                verify="quick")  # fmt: skip
+    check_report(report)
+    assert report["fidelity"]["bound"] == verify.BOUNDS["int3"].__dict__
+    assert report["caveats"][0].startswith("gptq int3 is experimental")  # said in the report, not only in --help
+    config = json.loads((Path(report["output"]) / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["sym"], config["group_size"]) == (3, False, 64)

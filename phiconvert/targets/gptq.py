@@ -15,7 +15,7 @@ from phiconvert.gptq import DAMP, Settings, quantize_model, save
 from phiconvert.reference import SourceModel
 from phiconvert.targets import DEVICE, GROUP_SIZE, SYM, ExportJob, Option, Precision, Signature, Target, hf_common
 
-BITS = {"int4": 4, "int8": 8}
+BITS = {"int4": 4, "int8": 8, "int3": 3, "int2": 2}
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
 SEQUENCE_LENGTH = 512  # calibration chunk length (tokens)
@@ -98,6 +98,18 @@ TARGET = Target(
             bound="int4",
         ),
         "int8": Precision("GPTQ 8-bit, symmetric, group 128 by default", bits=8.2, bound="int8"),
+        "int3": Precision(
+            "GPTQ 3-bit (32 values in 3 words), symmetric, group 128 by default",
+            bits=3.2,
+            bound="int3",
+            experimental=True,
+        ),
+        "int2": Precision(
+            "GPTQ 2-bit, symmetric, group 128 by default: most models lose much of their quality",
+            bits=2.2,
+            bound="int2",
+            experimental=True,
+        ),
     },
     signature=Signature(quant_method="gptq"),
     default_precision="int4",
