@@ -255,6 +255,7 @@ def convert_pair(
         work=str(work / "target"),
         calibration=samples,
         calibration_given=calibration_given,
+        model_id=src.model_id,
         messages=MESSAGES,
         max_new_tokens=MAX_NEW_TOKENS,
         sequences=reference["result"]["sequences"] if reference else None,

@@ -36,6 +36,7 @@ class TargetJob:
     work: str  # scratch folder
     calibration: list[str]
     calibration_given: bool
+    model_id: str  # what per-model defaults are looked up by (phiconvert.source.Source.model_id)
     messages: list[dict[str, str]]  # the smoke test's chat
     max_new_tokens: int
     sequences: list[list[int]] | None  # the reference's windows (None: no verification)

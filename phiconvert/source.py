@@ -24,6 +24,14 @@ DEFAULT_MODEL = BUNDLED_PREFIX + "tiny-phi4mini"
 HELDOUT = FIXTURES / "heldout.txt"  # the text every artifact's logits are compared on
 CALIBRATION = FIXTURES / "calibration.txt"  # data-aware quantization's default samples
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.py"]
+# The model each bundled fixture is shaped after (its architecture, tokenizer and quirks, at a tiny size): a
+# toolchain's known-good settings for that model apply to the fixture too, so CI runs the defaults users get.
+SHAPED_AFTER = {
+    "tiny-phi3": "microsoft/Phi-3-mini-4k-instruct",
+    "tiny-phi4mini": "microsoft/Phi-4-mini-instruct",
+    "tiny-llama": "meta-llama/Llama-3.2-1B-Instruct",
+    "tiny-qwen": "Qwen/Qwen2.5-0.5B-Instruct",
+}
 # Keys transformers 5 moves under `rope_parameters` that hub configs keep at the top level.
 TOP_LEVEL_ROPE_KEYS = ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings")
 
@@ -38,6 +46,12 @@ class Source:
     @property
     def name(self) -> str:
         return self.path.name if not self.model.startswith(BUNDLED_PREFIX) else self.model[len(BUNDLED_PREFIX) :]
+
+    @property
+    def model_id(self) -> str:
+        """The Hub id (or folder) toolchains key their per-model defaults on; a fixture's is the model it is
+        shaped after."""
+        return SHAPED_AFTER.get(self.name, self.model) if self.model.startswith(BUNDLED_PREFIX) else self.model
 
 
 def bundled(name: str) -> Path:

@@ -168,6 +168,7 @@ def run_target(job: TargetJob, send: Send) -> dict[str, Any]:
         calibration=job.calibration,
         work=work,
         calibration_given=job.calibration_given,
+        model_id=job.model_id,
     )
     details = timed_stage(send, "export", target.export, export_job)
     smoke = timed_stage(send, "smoke test", target.smoke, output, job.messages, job.max_new_tokens)

@@ -64,9 +64,25 @@ def test_artifact_is_complete_and_reported(converted, precision):
 
 
 def test_int4_settings_follow_the_model(converted):
-    assert converted("tiny-phi4mini", "int4")["details"]["settings"]["group_size"] == 64  # Phi-4-mini's known-good
-    assert converted("tiny-phi3", "int4")["details"]["settings"]["group_size"] == 128
-    assert converted("tiny-phi3", "int4")["details"]["integer_constants"].get("u4")
+    """The fixtures get the settings optimum-intel keeps for the models they are shaped after."""
+    phi4 = converted("tiny-phi4mini", "int4")
+    assert phi4["details"]["settings"]["group_size"] == 64 and not phi4["caveats"]
+    phi3 = converted("tiny-phi3", "int4")
+    settings = phi3["details"]["settings"]
+    assert (settings["group_size"], settings["defaults_from"]) == (64, "microsoft/Phi-3-mini-4k-instruct")
+    assert phi3["details"]["integer_constants"].get("u4")
+    assert "data-aware on wikitext2; this run was data-free" in phi3["caveats"][0]  # its recipe wants data
+
+
+def test_int4_defaults_are_optimum_intels_per_model_table():
+    from phiconvert.targets.openvino import GENERIC_INT4, int4_defaults
+
+    assert int4_defaults("microsoft/Phi-4-mini-instruct") == {
+        "group_size": 64, "sym": False, "ratio": 1.0, "recipe": "microsoft/Phi-4-mini-instruct", "recipe_dataset": None
+    }  # fmt: skip
+    assert int4_defaults("/models/Phi-3.5-mini-instruct")["group_size"] == 64  # a local folder, by its name
+    assert int4_defaults("Qwen/Qwen2.5-1.5B-Instruct")["ratio"] == 0.9  # some layers kept at 8 bits
+    assert int4_defaults("someone/some-model") == {**GENERIC_INT4, "recipe": "generic", "recipe_dataset": None}
 
 
 def test_both_config_layouts_give_identical_artifacts(converted, tmp_path):

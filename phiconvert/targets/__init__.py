@@ -102,6 +102,8 @@ class ExportJob:
     calibration: list[str]  # calibration samples (never empty; the built-in text when the user gave none)
     work: Path  # scratch folder for intermediates (removed after the run)
     calibration_given: bool = False  # the user chose the calibration text (--calibration)
+    model_id: str = ""  # the source's Hub id or folder (a fixture's: the model it is shaped after), for per-model
+    # known-good defaults a toolchain keeps (optimum-intel's int4 table)
 
 
 @dataclass(frozen=True)

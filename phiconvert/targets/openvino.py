@@ -9,7 +9,6 @@ it: data-free (scales from the weights' column magnitudes), minutes and a few Gi
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,17 +26,25 @@ TOKENIZER_FILES = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
 MAX_CALIBRATION_SAMPLES = 128
 
 
-def int4_defaults(config: dict[str, Any]) -> tuple[int, bool]:
-    """(group size, symmetric) for int4: Phi-4-mini's known-good asym/64, else optimum-intel's asym/128."""
-    phi4_mini_like = config.get("partial_rotary_factor", 1.0) < 1.0
-    return (64 if phi4_mini_like else 128), False
+# optimum-intel's int4 settings for a model its table does not list (its _DEFAULT_4BIT_WQ_CONFIG)
+GENERIC_INT4 = {"group_size": 128, "sym": False, "ratio": 1.0}
+
+
+def int4_defaults(model_id: str) -> dict[str, Any]:
+    """Group size, symmetry and int4 ratio for int4: OpenVINO's known-good settings for this model where
+    optimum-intel's per-model table has them (Phi-3/3.5/4-mini: asym, group 64), else its generic default; and the
+    dataset its recipe calibrates on, if any (data-aware compression runs only on --calibration text here)."""
+    from optimum.intel.openvino.configuration import get_default_quantization_config
+
+    known = (get_default_quantization_config(model_id, weight_format="int4") if model_id else None) or {}
+    chosen = {key: known.get(key, value) for key, value in GENERIC_INT4.items()}
+    return {**chosen, "recipe": model_id if known else "generic", "recipe_dataset": known.get("dataset")}
 
 
 def export(job: ExportJob) -> dict[str, Any]:
     from optimum.exporters.openvino import main_export
     from optimum.intel import OVConfig, OVModelForCausalLM, OVWeightQuantizationConfig
 
-    config = json.loads((job.source / "config.json").read_text())
     group_size, sym = job.options["group_size"], job.options["sym"]
     settings: dict[str, Any] = {"weight_format": job.precision}
     ir = job.work / "ir"
@@ -48,20 +55,21 @@ def export(job: ExportJob) -> dict[str, Any]:
     if missing:
         raise PhiconvertError(f"openvino-tokenizers could not convert this tokenizer ({', '.join(missing)} missing)")
 
+    caveats = []
     if job.precision == "fp16":
         shutil.copytree(ir, job.output, dirs_exist_ok=True)
         return {"settings": settings, **weight_summary(job.output, parameter_count(job.source))}
 
     if job.precision == "int4":
-        default_group, default_sym = int4_defaults(config)
-        group_size = group_size or default_group
-        sym = default_sym if sym is None else sym
+        defaults = int4_defaults(job.model_id)
+        group_size = group_size or defaults["group_size"]
+        sym = defaults["sym"] if sym is None else sym
         samples = job.calibration[:MAX_CALIBRATION_SAMPLES] if job.calibration_given else None
         quantization = OVWeightQuantizationConfig(
             bits=4,
             sym=sym,
             group_size=group_size,
-            ratio=1.0,
+            ratio=defaults["ratio"],
             quant_method="awq",
             scale_estimation=bool(samples),
             dataset=samples,
@@ -69,8 +77,13 @@ def export(job: ExportJob) -> dict[str, Any]:
             num_samples=len(samples) if samples else None,
         )
         awq = "data-aware" if samples else "data-free"
-        settings |= {"group_size": group_size, "sym": sym, "ratio": 1.0, "awq": awq,
-                     "scale_estimation": bool(samples), "calibration_samples": len(samples or [])}  # fmt: skip
+        settings |= {"group_size": group_size, "sym": sym, "ratio": defaults["ratio"], "awq": awq,
+                     "scale_estimation": bool(samples), "calibration_samples": len(samples or []),
+                     "defaults_from": defaults["recipe"]}  # fmt: skip
+        if defaults["recipe_dataset"] and not samples:
+            caveats.append(f"OpenVINO's recipe for {defaults['recipe']} compresses data-aware on "
+                           f"{defaults['recipe_dataset']}; this run was data-free: --calibration TEXT makes it "
+                           "data-aware")  # fmt: skip
     else:  # int8: per-channel, data-free
         sym = bool(sym)
         quantization = OVWeightQuantizationConfig(bits=8, sym=sym)
@@ -81,7 +94,7 @@ def export(job: ExportJob) -> dict[str, Any]:
     for item in ir.iterdir():  # tokenizer IRs, HF tokenizer files, chat template, generation config
         if not (job.output / item.name).exists():
             shutil.copy2(item, job.output / item.name)
-    return {"settings": settings, **weight_summary(job.output, parameter_count(job.source))}
+    return {"settings": settings, **weight_summary(job.output, parameter_count(job.source)), "caveats": caveats}
 
 
 def weight_summary(artifact: Path, parameters: int) -> dict[str, Any]:
@@ -154,8 +167,8 @@ TARGET = Target(
     packages=("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "nncf", "transformers", "torch"),
     precisions={
         "int4": Precision(
-            "AWQ, data-free (data-aware + scale estimation with --calibration); asym, group 64 for "
-            "Phi-4-mini-like models, else 128",
+            "AWQ, data-free (data-aware + scale estimation with --calibration); optimum-intel's settings for the "
+            "model where it has them (Phi-3/3.5/4-mini: asym, group 64), else asym, group 128",
             bits=4.5,
             bound="int4",
         ),
