@@ -64,7 +64,11 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--precision", help="weight precision; default depends on the target (e.g. openvino: int4)")
     p.add_argument("--output", help="destination folder (default ./<model>-<target>-<precision>)")
-    p.add_argument("--calibration", help="calibration text, or a text file (paragraphs are samples)")
+    p.add_argument(
+        "--calibration",
+        help="calibration for data-aware quantization: a text or a text file (paragraphs are samples), c4, wikitext2, "
+        "or hf:NAME[:CONFIG][:SPLIT][:COLUMN], a Hub dataset or a local dataset folder (default: a bundled text)",
+    )
     add_target_options(p)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from phiconvert import __version__, bench, hardware, preflight, report, source, targets, verify
+from phiconvert.calibration import samples as calibration_samples
 from phiconvert.errors import PhiconvertError
 from phiconvert.protocol import ReferenceJob, SourceChatJob, TargetJob
 from phiconvert.worker import timed_stage
@@ -300,20 +301,6 @@ def source_chat(staging: Path, runs: list[dict[str, Any]], temp: Path, emit: Pro
         r["report"]["peak_rss"]["reference"] = max(r["report"]["peak_rss"]["reference"] or 0, run["peak_rss"])
         r["report"]["fidelity"]["source_reply"] = reply["text"]
         r["report"]["fidelity"]["greedy_match"] = r["report"]["smoke"]["text"].strip() == reply["text"].strip()
-
-
-def calibration_samples(calibration: str | None) -> list[str]:
-    """Calibration strings: a text file's or a literal text's paragraphs; the bundled text when none is given."""
-    if calibration is None:
-        text = source.CALIBRATION.read_text()
-    elif Path(calibration).expanduser().is_file():
-        text = Path(calibration).expanduser().read_text()
-    else:
-        text = calibration
-    samples = [p.strip() for p in text.split("\n\n") if p.strip()]
-    if not samples:
-        raise PhiconvertError("calibration text is empty")
-    return samples
 
 
 def _report(

@@ -17,8 +17,9 @@ import torch
 from conftest import checkpoint, converted_by_all, whole
 
 import phiconvert
-from phiconvert import envs, pipeline, source, targets, verify
+from phiconvert import envs, source, targets, verify
 from phiconvert import gptq as algorithm
+from phiconvert.calibration import samples as calibration_samples
 from phiconvert.errors import PhiconvertError
 from phiconvert.targets import bnb, gptq, hf_common
 from phiconvert.verify import compare
@@ -89,7 +90,7 @@ def test_calibration_chunks_keep_short_paragraphs():
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.bundled("tiny-phi4mini"))
-    paragraphs = pipeline.calibration_samples(None)
+    paragraphs = calibration_samples(None)
     chunks = hf_common.calibration_chunks(tokenizer, paragraphs, 512, 128)
     assert len(chunks) >= 4 and {len(c) for c in chunks} == {512}
     assert hf_common.calibration_chunks(tokenizer, ["a short text"], 512, 128)[0]  # one shorter chunk, not none
@@ -175,9 +176,7 @@ def test_gptq_beats_round_to_nearest_on_the_fixture(fixture):
     sequences = [ids[start : start + length] for start, length in verify.WINDOWS]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     reference = whole(hf_common.logits_with(model, sequences))
-    chunks = hf_common.calibration_chunks(
-        tokenizer, pipeline.calibration_samples(None), gptq.SEQUENCE_LENGTH, gptq.MAX_SAMPLES
-    )
+    chunks = hf_common.calibration_chunks(tokenizer, calibration_samples(None), gptq.SEQUENCE_LENGTH, gptq.MAX_SAMPLES)
     chosen = gptq.Settings(bits=4, group_size=gptq.DEFAULT_GROUP_SIZE, sym=True, desc_act=False)
     results = {}
     for method in ("rtn", "gptq"):

@@ -12,6 +12,7 @@ import pytest
 from conftest import FIXTURE_NAMES, checkpoint, leftovers, stage, whole
 
 from phiconvert import convert, pipeline, source
+from phiconvert.calibration import samples as calibration_samples
 from phiconvert.errors import PhiconvertError
 from phiconvert.targets import ExportJob, load
 from phiconvert.verify import Fidelity, bound_for, compare
@@ -20,7 +21,7 @@ mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
 TARGET = load("mlx")
 OPTIONS = {option.name: None for option in TARGET.options}
-CALIBRATION = pipeline.calibration_samples(None)
+CALIBRATION = calibration_samples(None)
 
 
 def export(staging: Path, tmp_path: Path, precision: str, **options) -> tuple[Path, dict]:

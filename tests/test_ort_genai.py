@@ -11,6 +11,7 @@ import pytest
 from conftest import FIXTURE_NAMES, ROOT, leftovers, stage, whole
 
 from phiconvert import convert, pipeline
+from phiconvert.calibration import samples as calibration_samples
 from phiconvert.errors import PhiconvertError
 from phiconvert.targets import ExportJob, load
 from phiconvert.verify import Fidelity, bound_for, compare
@@ -18,7 +19,7 @@ from phiconvert.verify import Fidelity, bound_for, compare
 og = pytest.importorskip("onnxruntime_genai")
 TARGET = load("ort-genai")
 OPTIONS = {option.name: None for option in TARGET.options}
-CALIBRATION = pipeline.calibration_samples(None)  # GPTQ, the int4 default, calibrates on it
+CALIBRATION = calibration_samples(None)  # GPTQ, the int4 default, calibrates on it
 
 
 def export(staging: Path, tmp_path: Path, precision: str, **options) -> tuple[Path, dict]:
