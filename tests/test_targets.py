@@ -66,3 +66,13 @@ def test_an_artifact_is_recognised_by_its_targets_signature(tmp_path, files, con
     if config is not None:
         (tmp_path / "config.json").write_text(json.dumps(config))
     assert targets.recognise(tmp_path) == expected
+
+
+def test_readme_targets_table_is_generated_from_the_declarations():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    shown = readme.split("<!-- targets -->\n", 1)[1].split("<!-- /targets -->", 1)[0]
+    assert shown == targets.markdown_table()
+    assert all((root / "docs" / "tutorials" / targets.load(name).tutorial).is_file() for name in targets.names())

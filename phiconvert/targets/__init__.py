@@ -158,6 +158,8 @@ class Target:
     runner: Callable[[Path], Generate]
     # how its artifact is recognised without phiconvert.json
     signature: Signature
+    runtime: str  # the runtime that loads, generates and proves the artifact (README, docs)
+    tutorial: str  # its tutorial under docs/tutorials
     # options beyond precision that this target accepts (keywords of phiconvert.convert, flags of the CLI)
     options: tuple[Option, ...] = ()
     # check(precision, options): refuse a combination the target cannot do, before any work starts
@@ -189,6 +191,20 @@ def recognise(folder: Path) -> str | None:
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     declared = sorted(((name, load(name).signature) for name in names()), key=lambda item: item[1].file is None)
     return next((name for name, signature in declared if signature.matches(folder, config)), None)
+
+
+def markdown_table() -> str:
+    """Every target: precisions (default first), the runtime that proves it, options, tutorial, as a markdown
+    table (README; a test keeps it in step with the declarations)."""
+    lines = ["| target | precisions (default first) | runtime that proves it | options | tutorial |", "|---" * 5 + "|"]
+    for name in names():
+        target = load(name)
+        ordered = [target.default_precision, *(p for p in target.precisions if p != target.default_precision)]
+        shown = [p + (" (experimental)" if target.precisions[p].experimental else "") for p in ordered]
+        flags = ", ".join(f"`{o.flag}`" for o in target.options) or "—"
+        link = f"[{target.tutorial}](docs/tutorials/{target.tutorial})"
+        lines.append(f"| `{name}` | {', '.join(shown)} | {target.runtime} | {flags} | {link} |")
+    return "\n".join(lines) + "\n"
 
 
 def options() -> dict[str, list[tuple[str, Option]]]:

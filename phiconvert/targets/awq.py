@@ -126,6 +126,8 @@ TARGET = Target(
         ),
     },
     signature=Signature(quant_method="awq"),
+    runtime="transformers + gptqmodel (managed environment)",
+    tutorial="hf-gptq.md",
     default_precision="int4",
     export=export,
     smoke=hf_common.smoke,

@@ -84,6 +84,8 @@ TARGET = Target(
         "int8": Precision("LLM.int8(): per-row int8 with outlier columns in 16-bit", bits=8.0, bound="int8"),
     },
     signature=Signature(quant_method="bitsandbytes"),
+    runtime="transformers + bitsandbytes",
+    tutorial="hf-gptq.md",
     default_precision="nf4",
     export=export,
     smoke=hf_common.smoke,

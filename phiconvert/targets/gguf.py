@@ -258,6 +258,8 @@ TARGET = Target(
         "bf16": Precision("bfloat16: the exact weights of a bf16 checkpoint", bits=16, bound="bf16"),
     },
     signature=Signature(file="*.gguf"),
+    runtime="llama-cpp-python",
+    tutorial="llama-cpp.md",
     default_precision="q4_k_m",
     export=export,
     smoke=smoke,

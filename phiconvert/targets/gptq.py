@@ -112,6 +112,8 @@ TARGET = Target(
         ),
     },
     signature=Signature(quant_method="gptq"),
+    runtime="transformers + gptqmodel (managed environment)",
+    tutorial="hf-gptq.md",
     default_precision="int4",
     export=export,
     smoke=hf_common.smoke,

@@ -296,6 +296,8 @@ TARGET = Target(
         "bf16": Precision("bfloat16 weights, unquantized", bits=16, bound="bf16"),
     },
     signature=Signature(config_key="quantization"),
+    runtime="mlx-lm (`mlx-lm[cpu]` on Linux, Metal on a Mac)",
+    tutorial="mlx.md",
     default_precision="4bit",
     export=export,
     smoke=smoke,

@@ -176,6 +176,8 @@ TARGET = Target(
         "fp16": Precision("fp16 weights, no quantization", bits=16, bound="fp16"),
     },
     signature=Signature(file="openvino_model.xml"),
+    runtime="openvino-genai, optimum-intel",
+    tutorial="openvino.md",
     default_precision="int4",
     export=export,
     smoke=smoke,

@@ -507,6 +507,8 @@ TARGET = Target(
         "fp32": Precision("float32, exact", bits=32, bound="fp32"),
     },
     signature=Signature(file="genai_config.json"),
+    runtime="onnxruntime-genai",
+    tutorial="onnx-runtime-genai.md",
     default_precision="int4",
     export=export,
     smoke=smoke,

@@ -124,6 +124,8 @@ TARGET = Target(
         ),
     },
     signature=Signature(quant_method="torchao"),
+    runtime="transformers + torchao",
+    tutorial="hf-gptq.md",
     default_precision="8da4w",
     export=export,
     smoke=hf_common.smoke,
