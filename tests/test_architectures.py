@@ -124,11 +124,12 @@ def test_every_fixture_has_a_profile():
 
 
 @pytest.mark.parametrize(("inputs", "group"), [((256, 256, 768), 128), ((576, 576, 1536), 64), ((720,), 16)])
-def test_gptq_default_group_size_fits_the_model(inputs, group):
-    from phiconvert.targets import gptq
+def test_gptq_and_awq_default_group_size_fits_the_model(inputs, group):
+    from phiconvert.targets import awq, gptq
 
     assert gptq.settings("int4", {}, inputs).group_size == group
     assert gptq.settings("int4", {"group_size": 32}, inputs).group_size == 32  # the user's choice stands
+    assert awq.settings({}, inputs)["group_size"] == group
 
 
 def test_gptq_group_size_the_user_chose_is_refused_when_it_does_not_fit(tmp_path):

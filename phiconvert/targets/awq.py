@@ -24,9 +24,11 @@ SEQUENCE_LENGTH = 512  # calibration chunk length (tokens)
 MAX_SAMPLES = 128
 
 
-def settings(options: dict[str, Any]) -> dict[str, Any]:
-    group_size = options.get("group_size") or DEFAULT_GROUP_SIZE
-    if group_size not in GROUP_SIZES:
+def settings(options: dict[str, Any], inputs: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The user's settings over the defaults; a default group size that does not divide a layer's input size
+    becomes the largest that does (a size the user chose is refused)."""
+    group_size = options.get("group_size") or hf_common.fitting_group_size(inputs, DEFAULT_GROUP_SIZE, "awq")
+    if options.get("group_size") and group_size not in GROUP_SIZES:
         raise PhiconvertError(f"--group-size for awq must be one of {', '.join(map(str, GROUP_SIZES))}")
     # AWQ's usual form is asymmetric (a zero point per group); --sym stores no zero points
     return {"bits": 4, "group_size": group_size, "sym": bool(options.get("sym"))}
@@ -44,7 +46,8 @@ def export(job: ExportJob) -> dict[str, Any]:
     from auto_round.algorithms.transforms.awq.config import AWQConfig
     from transformers import AutoTokenizer
 
-    chosen = settings(job.options)
+    inputs = hf_common.layer_inputs(job.source)
+    chosen = settings(job.options, inputs)
     tokenizer = AutoTokenizer.from_pretrained(job.source)
     chunks = hf_common.calibration_chunks(tokenizer, job.calibration, SEQUENCE_LENGTH, MAX_SAMPLES)
     # token tensors, not strings: AutoRound silently drops text samples shorter than its sequence length
@@ -78,6 +81,7 @@ def export(job: ExportJob) -> dict[str, Any]:
     return {
         "method": "awq (AutoRound: scale + clip search, then round-to-nearest)",
         "settings": {k: config.get(k) for k in ("bits", "group_size", "zero_point", "version")} | {"device": device},
+        "group_size_note": hf_common.group_size_note(chosen["group_size"], DEFAULT_GROUP_SIZE, job.options, inputs),
         "calibration": {"chunks": len(chunks), "tokens_per_chunk": len(chunks[0])},
         "kept_in_float16": ["model.embed_tokens", *not_converted, "norms"],
         # AutoRound folds a scale into the previous layer's outputs only where they match the next layer's inputs:

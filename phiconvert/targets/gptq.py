@@ -7,7 +7,6 @@ the worker runs in the managed environment `phiconvert setup gptq` creates (phic
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from phiconvert.errors import PhiconvertError
@@ -25,30 +24,11 @@ MAX_SAMPLES = 128  # calibration chunks at most
 def settings(precision: str, options: dict[str, Any], inputs: tuple[int, ...] = ()) -> Settings:
     """The user's settings over the defaults; with the layers' ``inputs`` sizes known, a default group size that
     does not divide one of them becomes the largest that divides them all (a size the user chose is refused)."""
-    group_size = options.get("group_size") or fitting_group_size(inputs)
+    group_size = options.get("group_size") or hf_common.fitting_group_size(inputs, DEFAULT_GROUP_SIZE, "gptq")
     if options.get("group_size") and group_size not in GROUP_SIZES:
         raise PhiconvertError(f"--group-size for gptq must be one of {', '.join(map(str, GROUP_SIZES))}")
     sym = True if options.get("sym") is None else bool(options["sym"])
     return Settings(bits=BITS[precision], group_size=group_size, sym=sym, desc_act=bool(options.get("desc_act")))
-
-
-def layer_inputs(config: dict[str, Any]) -> tuple[int, ...]:
-    """Input sizes of a decoder's linear layers: hidden (q/k/v, gate/up), attention output (o), intermediate (down)."""
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return config["hidden_size"], heads * head_dim, config["intermediate_size"]
-
-
-def fitting_group_size(inputs: tuple[int, ...]) -> int:
-    """DEFAULT_GROUP_SIZE, or the largest smaller one that divides every input size (SmolLM's 576: 64; down to 16,
-    which GPTQ's format and kernels take though it is not offered as a choice)."""
-    fitting = [g for g in (16, *GROUP_SIZES) if g <= DEFAULT_GROUP_SIZE and all(n % g == 0 for n in inputs)]
-    if not fitting:
-        raise PhiconvertError(
-            f"no gptq group size ({', '.join(map(str, GROUP_SIZES))}) divides this model's layer input sizes "
-            f"{', '.join(map(str, sorted(set(inputs))))}"
-        )
-    return max(fitting)
 
 
 def check(precision: str, options: dict[str, Any]) -> None:
@@ -61,7 +41,7 @@ def export(job: ExportJob) -> dict[str, Any]:
     device = hf_common.resolve_device(job.options.get("device"))  # first: it sets up MPS before torch starts
     from transformers import AutoTokenizer
 
-    inputs = layer_inputs(json.loads((job.source / "config.json").read_text()))
+    inputs = hf_common.layer_inputs(job.source)
     chosen = settings(job.precision, job.options, inputs)
     tokenizer = AutoTokenizer.from_pretrained(job.source)
     # one decoder layer at a time, read from disk in float32: the model is never whole in memory
@@ -74,9 +54,7 @@ def export(job: ExportJob) -> dict[str, Any]:
         "settings": {"bits": chosen.bits, "group_size": chosen.group_size, "sym": chosen.sym,
                      "desc_act": chosen.desc_act, "damp_percent": DAMP, "true_sequential": False,
                      "checkpoint_format": "gptq", "device": device},
-        "group_size_note": None if chosen.group_size == DEFAULT_GROUP_SIZE or job.options.get("group_size") else
-        f"the default {DEFAULT_GROUP_SIZE} does not divide every layer's input size "
-        f"({', '.join(map(str, sorted(set(inputs))))}): {chosen.group_size} instead",
+        "group_size_note": hf_common.group_size_note(chosen.group_size, DEFAULT_GROUP_SIZE, job.options, inputs),
         "calibration": {"chunks": len(chunks), "tokens_per_chunk": len(chunks[0])},
         "quantized_layers": len(packed),
         "kept_in_float16": ["model.embed_tokens", "lm_head", "norms"],

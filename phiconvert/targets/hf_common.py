@@ -27,6 +27,32 @@ LOGITS_CHUNK = 512  # positions whose logits are computed at a time
 WEIGHT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 
 
+def layer_inputs(folder: Path) -> tuple[int, ...]:
+    """Input sizes of a decoder's linear layers: hidden (q/k/v, gate/up), attention output (o), intermediate (down)."""
+    config = json.loads((folder / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return config["hidden_size"], heads * head_dim, config["intermediate_size"]
+
+
+def fitting_group_size(inputs: tuple[int, ...], default: int, target: str) -> int:
+    """``default``, or the largest smaller power of two down to 16 that divides every input size (SmolLM's 576: 64;
+    GPTQ and AWQ checkpoints and their kernels take 16, though it is not offered as a choice)."""
+    fitting = [g for g in (16, 32, 64, 128) if g <= default and all(n % g == 0 for n in inputs)]
+    if not fitting:
+        raise PhiconvertError(f"no {target} group size divides this model's layer input sizes "
+                              f"{', '.join(map(str, sorted(set(inputs))))}")  # fmt: skip
+    return max(fitting)
+
+
+def group_size_note(chosen: int, default: int, options: dict[str, Any], inputs: tuple[int, ...]) -> str | None:
+    """What the report says when the default group size did not fit the model and a smaller one was taken."""
+    if chosen == default or options.get("group_size"):
+        return None
+    sizes = ", ".join(map(str, sorted(set(inputs))))
+    return f"the default {default} does not divide every layer's input size ({sizes}): {chosen} instead"
+
+
 def check_device(device: str | None) -> None:
     """Refuse a device this machine does not have, in the parent, before any work starts."""
     if device is None or device in ("auto", "cpu"):
