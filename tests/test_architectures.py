@@ -143,3 +143,28 @@ def test_readme_support_table_is_generated_from_the_profiles():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     shown = readme.split("<!-- architectures -->\n", 1)[1].split("<!-- /architectures -->", 1)[0]
     assert shown == archs.support_table(targets.names())
+
+
+def test_phi_facts_live_in_the_profiles_only():
+    """Phi's names and tokens in code (not docstrings) only where they are data: the profiles, the fixtures' names,
+    and llama.cpp's own name-keyed tokenizer quirk in the GGUF writer. A `<|end|>` or an architecture check
+    anywhere else is a Phi assumption another architecture would silently get."""
+    import ast
+    import re
+
+    allowed = {"archs.py", "source.py", "gguf_writer.py"}
+    pattern = re.compile(r"<\|end\|>|Phi3ForCausalLM|\bPHI3\b|\bphi3\b")
+    found = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "phiconvert").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+        }  # fmt: skip
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if pattern.search(node.value) and path.name not in allowed:
+                    found.append(f"{path.name}:{node.lineno}: {node.value[:60]!r}")
+    assert not found, found
