@@ -85,6 +85,13 @@ def convert_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only the pre-flight: the memory each stage needs and the disk, against this machine; no work",
     )
+    p.add_argument(
+        "--bench",
+        dest="benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="all or a list: bench the source and every verified artifact (default); --no-bench: fidelity only",
+    )
     p.add_argument("--json", action="store_true", help="print the run's report as JSON on stdout")
     return p
 

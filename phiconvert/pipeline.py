@@ -65,6 +65,7 @@ def convert(
     force: bool = False,
     verify: str | bool = "full",  # full, quick (no window past the original context), none (True/False: full/none)
     plan_only: bool = False,  # only the pre-flight: what each stage needs, against this machine
+    benchmark: bool = True,  # a comparison benches the source and every verified artifact (False: fidelity only)
     progress: Progress | None = None,
     **options: Any,  # the targets' own options (group_size=64, ep="cuda", ...: see phiconvert.targets.options())
 ) -> dict[str, Any]:
@@ -104,7 +105,8 @@ def convert(
     started = time.perf_counter()
     try:
         staging = source.stage(src, temp / "staging")
-        prompts = bench.prompt_ids(staging, {}, bench.PROMPT_LENGTHS, bench.NEW_TOKENS) if several else None
+        benched = several and benchmark
+        prompts = bench.prompt_ids(staging, {}, bench.PROMPT_LENGTHS, bench.NEW_TOKENS) if benched else None
         reference = run_reference(staging, windows, temp, emit_with(emit, "source") if several else emit)
         runs = []
         for pair in pairs:
@@ -377,7 +379,8 @@ def finish_comparison(
     started: float,
     emit: Progress,
 ) -> dict[str, Any]:
-    """Bench the source and every verified artifact, write report.json and report.html, move it all into place."""
+    """Bench the source and every verified artifact (unless ``prompts`` is None: not benchmarked), write
+    report.json and report.html, move it all into place."""
     out = temp / "out"
     out.mkdir()
     for run in runs:
@@ -391,7 +394,7 @@ def finish_comparison(
     bench_work = temp / "bench"
     bench_work.mkdir()
     baseline = {"target": "source", "precision": "fp32", "status": "passed"}
-    for row in [baseline, *[r for r in runs if r["status"] == "passed"]]:
+    for row in [baseline, *[r for r in runs if r["status"] == "passed"]] if prompts is not None else []:
         folder = staging if row is baseline else out / row["artifact"]
         kind = bench.SOURCE if row is baseline else row["target"]
         try:
@@ -416,6 +419,7 @@ def finish_comparison(
             "prompt_lengths": list(bench.PROMPT_LENGTHS),
             "new_tokens": bench.NEW_TOKENS,
             "repeats": bench.REPEATS,
+            "ran": prompts is not None,
         },  # fmt: skip
         "baseline": baseline,
         "runs": runs,

@@ -167,8 +167,15 @@ def render_html(comparison: dict[str, Any]) -> str:
             body += f"<tr class='why'><td colspan='{len(cells)}'>{e(r['error'])}</td></tr>"
     notes = "".join(f"<li><b>{e(name)}</b>: {e(caveat)}</li>" for name, caveat in caveats(comparison))
     notes = f"<p>Caveats: what a stock runtime does differently from the source</p><ul>{notes}</ul>" if notes else ""
-    plots = "".join(f"<figure>{_plot(shown, key, title, unit)}</figure>" for title, key, unit in PLOTS)
     settings = comparison["bench"]
+    measured = settings.get("ran", True)
+    speed = ("prompt_tps", "generation_tps", ("load_rss_mib", "load_rss_added_mib"))
+    plots = "".join(f"<figure>{_plot(shown, key, title, unit)}</figure>" for title, key, unit in PLOTS
+                    if measured or key not in speed)  # fmt: skip
+    timing = (f"best of {settings['repeats']} runs, {settings['new_tokens']} new tokens after prompts of "
+              f"{', '.join(map(str, settings['prompt_lengths']))} tokens, each runtime with its deployment defaults; "
+              "memory: measured peak RSS of the benchmark process after loading" if measured
+              else "not measured (--no-bench)")  # fmt: skip
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>phiconvert report: {e(comparison["source"]["model"])}</title>
 <style>
@@ -179,9 +186,7 @@ figure {{ margin: 1em 0; }}
 </style></head><body>
 <h1>{e(comparison["source"]["model"])}: every format, side by side</h1>
 <p>{comparison["source"]["parameters"]:,} parameters. Fidelity: worst held-out window against the source in fp32
-(transformers); speed: best of {settings["repeats"]} runs, {settings["new_tokens"]} new tokens after prompts of
-{", ".join(map(str, settings["prompt_lengths"]))} tokens, each runtime with its deployment defaults; memory: measured
-peak RSS of the benchmark process after loading. phiconvert {e(comparison["phiconvert"])},
+(transformers); speed: {timing}. phiconvert {e(comparison["phiconvert"])},
 {comparison["seconds"]:.0f} s in all.</p>
 <table>{machine}</table>
 <table><tr>{head}</tr>{body}</table>
