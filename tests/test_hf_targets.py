@@ -126,7 +126,6 @@ def test_mps_requested_without_mps():
 @pytest.mark.parametrize(
     ("target", "options", "message"),
     [
-        ("gptq", {"device": "tpu"}, "--device must be one of"),
         ("gptq", {"group_size": 100}, "--group-size for gptq must be one of"),
         ("awq", {"group_size": 256}, "--group-size for awq must be one of"),
         ("torchao", {"group_size": 48}, "--group-size for torchao must be one of"),
@@ -153,7 +152,12 @@ def test_bad_options_are_one_line_errors(target, options, message):
         ({"target": "ort-genai", "precision": "int8", "int4_algo": "rtn"}, "--int4-algo applies to ort-genai int4,"),
         ({"target": "openvino", "precision": "int8", "group_size": 32}, "--group-size applies to openvino int4, not"),
         ({"target": "openvino", "precision": "fp16", "sym": True}, "--sym applies to openvino int4/int8, not to fp16"),
+        # every declared option's choices, checked before any work
         ({"target": "mlx", "recipe": "mixed_2_6"}, "--recipe for mlx must be one of mixed_3_4, mixed_4_6"),
+        ({"target": "mlx", "method": "awq"}, "--method for mlx must be one of rtn, gptq, not 'awq'"),
+        ({"target": "ort-genai", "ep": "tpu"}, "--ep for ort-genai must be one of cpu, cuda, dml, not 'tpu'"),
+        ({"target": "ort-genai", "int4_algo": "awq"}, "--int4-algo for ort-genai must be one of gptq_mixed,"),
+        ({"target": "gptq", "device": "tpu"}, "--device for gptq must be one of auto, cpu, cuda, mps, not 'tpu'"),
         ({"target": "openvino", "bits": 3}, "no target has an option 'bits'"),
     ],
 )

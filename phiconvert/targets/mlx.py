@@ -50,17 +50,14 @@ OPTIONS = (
 
 
 def _settings(precision: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The quantization settings to use, refusing combinations mlx-lm would reject or silently ignore."""
+    """The quantization settings to use, refusing combinations mlx-lm would reject or silently ignore (the declared
+    choices and precisions of each option are checked before any work)."""
     bits, dtype = PRECISIONS[precision]
     group_size, recipe, method = options.get("group_size"), options.get("recipe"), options.get("method")
     if group_size is not None and group_size not in GROUP_SIZES:
         raise PhiconvertError(
             f"--group-size for mlx must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}"
         )
-    if recipe is not None and recipe not in RECIPES:
-        raise PhiconvertError(f"--recipe for mlx must be one of {', '.join(RECIPES)}, not '{recipe}'")
-    if method is not None and method not in METHODS:
-        raise PhiconvertError(f"--method for mlx must be one of {', '.join(METHODS)}, not '{method}'")
     if method == "gptq" and recipe is not None:
         raise PhiconvertError("--method gptq and --recipe cannot be combined (mlx-lm's GPTQ uses one bit width)")
     return {

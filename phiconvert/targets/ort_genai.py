@@ -78,24 +78,16 @@ OPTIONS = (
 )  # fmt: skip
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def settings_for(precision: str, options: dict[str, Any]) -> dict[str, Any]:
     """The real settings of this export (the user's options over our defaults, for those that apply to
-    ``precision``), refusing values the builder cannot make."""
+    ``precision``), refusing values the builder cannot make (the declared choices are checked before any work)."""
     applicable = [option.name for option in OPTIONS if option.applies(precision)]
     settings = {name: DEFAULTS[name] if options.get(name) is None else options[name] for name in applicable}
     if "accuracy_level" in settings and settings["accuracy_level"] is None:
         settings["accuracy_level"] = 4 if settings["ep"] == "cpu" else 0  # 0: the GPU provider's choice
-    choices = {"ep": PROVIDER_PRECISIONS, "group_size": BLOCK_SIZES, "accuracy_level": ACCURACY_LEVELS,
-               "int4_algo": INT4_ALGOS}  # fmt: skip
-    for name, allowed in choices.items():
-        if name in settings and settings[name] not in allowed:
-            raise PhiconvertError(
-                f"ort-genai {flag(name)} {settings[name]} is not one of: {', '.join(map(str, allowed))}"
-            )
+    if settings.get("group_size", BLOCK_SIZES[0]) not in BLOCK_SIZES:
+        raise PhiconvertError(f"ort-genai --group-size {settings['group_size']} is not one of: "
+                              f"{', '.join(map(str, BLOCK_SIZES))}")  # fmt: skip
     if precision not in PROVIDER_PRECISIONS[settings["ep"]]:
         gpu = "; fp16 is for --ep cuda or dml" if precision == "fp16" else ""
         raise PhiconvertError(
