@@ -195,7 +195,8 @@ def run_bench(job: BenchJob, send: Send) -> dict[str, Any]:
         importlib.import_module(module)  # the toolchain's import cost and memory are not the artifact's load
     baseline = peak_rss()
     start = time.perf_counter()
-    generate = timed_stage(send, "load", (target.runner if target else hf_common.runner), Path(job.artifact))
+    runner = target.runner if target else lambda path: targets.generator(hf_common.open_runtime(path, False))
+    generate = timed_stage(send, "load", runner, Path(job.artifact))
     load_seconds, load_rss = time.perf_counter() - start, peak_rss()
 
     def timed(ids: list[int], n: int) -> float:

@@ -197,7 +197,7 @@ def test_fidelity(name: str, precision: str, staged: dict, reference: dict, tmp_
     details = target.export(job)
     assert [p.name for p in output.iterdir()] == [details["file"]]
     assert not list(work.iterdir())  # the intermediate F16 file is gone
-    smoke = target.smoke(output, MESSAGES, 16)
+    smoke = target.TARGET.smoke(output, MESSAGES, 16)
     assert smoke.tokens > 0
     sequences, expected = reference[name]
     fidelity = compare(expected, whole(target.logits(output, sequences)), sequences)

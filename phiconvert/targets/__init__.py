@@ -131,6 +131,78 @@ class Memory:
 
 
 Generate = Callable[[list[int], int], int]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """An artifact loaded in its own runtime: the one small interface the smoke test, ``phiconvert bench`` and the
+    coming chat and serve verbs share. Each target's ``open(artifact, exact)`` makes one; ``exact`` is the most
+    exact mode the runtime offers (float32 where it has a choice: the smoke test, checked against the source),
+    else its deployment defaults (what bench times and a user chats with)."""
+
+    # the chat's prompt ids, rendered by the artifact's own chat template and tokenised as its runtime does
+    prompt: Callable[[list[dict[str, str]]], list[int]]
+    # stream(ids, n, to_the_end) -> greedy new ids after exactly ``ids`` (no BOS added), from a fresh state, at most
+    # n; with to_the_end exactly n whatever they are (end-of-turn ignored), else it may end after an end-of-turn id.
+    # The consumer may stop early: the generator is then closed and the runtime stops too
+    stream: Callable[[list[int], int, bool], Iterator[int]]
+    decode: Callable[[list[int], list[int]], str]  # decode(prompt, new) -> the new ids' text, special tokens skipped
+    is_stop: Callable[[int], bool]  # the ids that end a turn (end-of-turn, eos)
+
+
+def reply(runtime: Runtime, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
+    """A greedy chat reply, up to and including the first end-of-turn id."""
+    ids = runtime.prompt(messages)
+    new: list[int] = []
+    stream = runtime.stream(ids, max_new_tokens, False)
+    for token in stream:
+        new.append(int(token))
+        if runtime.is_stop(new[-1]):
+            break
+    getattr(stream, "close", lambda: None)()  # stop the runtime's generation, not only our reading of it
+    stopped = bool(new) and runtime.is_stop(new[-1])
+    text = runtime.decode(ids, new[:-1] if stopped else new)
+    return Smoke(text=text, tokens=len(new), stopped_at_eot=stopped, ids=new)
+
+
+def generator(runtime: Runtime) -> Generate:
+    """What bench times: exactly ``new_tokens`` greedy tokens after ``ids``; returns how many came."""
+    return lambda ids, new_tokens: sum(1 for _ in runtime.stream(ids, new_tokens, True))
+
+
+def streamed(run: Callable[[Callable[[int], bool]], None]) -> Iterator[int]:
+    """A token iterator over a runtime that calls back with each token instead of yielding it: ``run(push)`` is
+    run in a thread, ``push(token)`` returns False once the consumer has stopped (the runtime then stops too)."""
+    import queue
+    import threading
+
+    tokens: queue.Queue = queue.Queue()
+    done, stopped, failure = object(), threading.Event(), []
+
+    def push(token: int) -> bool:
+        tokens.put(int(token))
+        return not stopped.is_set()
+
+    def work() -> None:
+        try:
+            run(push)
+        except BaseException as error:  # re-raised in the consumer's thread
+            failure.append(error)
+        finally:
+            tokens.put(done)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (token := tokens.get()) is not done:
+            yield token
+    finally:
+        stopped.set()
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
 # (window index, first position, logits of the following positions (n, vocab) float32): a window's logits in one
 # piece or in chunks, in window order
 Logits = Iterator[tuple[int, int, np.ndarray]]
@@ -146,16 +218,11 @@ class Target:
     default_precision: str
     # export(job) -> details for the report (real bits per weight, layers kept in full precision, ...)
     export: Callable[[ExportJob], dict[str, Any]]
-    # smoke(artifact, messages, max_new_tokens) -> Smoke; must apply the artifact's chat template itself
-    smoke: Callable[[Path, list[dict[str, str]], int], Smoke]
+    # open(artifact, exact) -> the artifact loaded in its own runtime (see Runtime)
+    open: Callable[[Path, bool], Runtime]
     # logits(artifact, sequences) -> the logits of every position of each sequence of token ids, each sequence
     # from a fresh state and in one forward pass (as the source computes it; longrope picks its factors by length)
     logits: Callable[[Path, list[list[int]]], Logits]
-    # runner(artifact) -> generate: load the artifact in its own runtime with its deployment defaults (not the exact
-    # f32 mode of logits(); this load is what `phiconvert bench` times and measures), returning
-    # generate(ids, new_tokens) -> tokens generated: greedy from exactly ``ids`` (no BOS, no template), exactly
-    # ``new_tokens`` new tokens whatever they are (end-of-turn ignored), from a fresh state on every call
-    runner: Callable[[Path], Generate]
     # how its artifact is recognised without phiconvert.json
     signature: Signature
     runtime: str  # the runtime that loads, generates and proves the artifact (README, docs)
@@ -178,6 +245,14 @@ class Target:
     # name of a phiconvert-managed environment (`phiconvert setup NAME`) whose interpreter runs the worker
     # when this environment lacks the toolchain (its pins conflict with the main environment's)
     environment: str | None = None
+
+    def smoke(self, artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
+        """The greedy chat reply in the runtime's exact mode: verification's smoke test."""
+        return reply(self.open(artifact, True), messages, max_new_tokens)
+
+    def runner(self, artifact: Path) -> Generate:
+        """The runtime with its deployment defaults, as `phiconvert bench` loads, times and measures it."""
+        return generator(self.open(artifact, False))
 
 
 def names() -> list[str]:

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Memory, Precision, Signature, Target, hf_common
+from phiconvert.targets import ExportJob, Memory, Precision, Signature, Target, hf_common, reply
 
 # a fixed prompt for the reload check (the smoke test's prompt is the pipeline's business)
 PROBE = [{"role": "user", "content": "How do I reverse a list in Python?"}]
@@ -51,11 +51,11 @@ def export(job: ExportJob) -> dict[str, Any]:
     hf_common.copy_support_files(job.source, job.output)
 
     tokenizer = AutoTokenizer.from_pretrained(job.output)
-    before, _ = hf_common.generate_ids(model, tokenizer, job.output, PROBE, PROBE_TOKENS)
+    before = reply(hf_common.model_runtime(model, tokenizer, job.output), PROBE, PROBE_TOKENS).ids
     del model  # one quantized model in memory at a time
     gc.collect()
     reloaded = AutoModelForCausalLM.from_pretrained(job.output, device_map="cpu").eval()
-    after, _ = hf_common.generate_ids(reloaded, tokenizer, job.output, PROBE, PROBE_TOKENS)
+    after = reply(hf_common.model_runtime(reloaded, tokenizer, job.output), PROBE, PROBE_TOKENS).ids
     if before != after:
         raise PhiconvertError(
             f"the saved bitsandbytes {job.precision} checkpoint generates differently after reloading: "
@@ -88,9 +88,8 @@ TARGET = Target(
     tutorial="hf-gptq.md",
     default_precision="nf4",
     export=export,
-    smoke=hf_common.smoke,
+    open=hf_common.open_runtime,
     logits=hf_common.logits,
-    runner=hf_common.runner,
     # measured 2026-12-02, Phi-4-mini nf4: export 10.30 GiB, smoke test 13.04 GiB, logits 18.67 GiB (the float32
     # CPU load holds about a float32 copy of the weights besides the 4-bit ones: not yet understood)
     memory=Memory(export=(1.3, 1.0), runtime=(7.1, 4.4)),

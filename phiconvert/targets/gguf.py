@@ -13,6 +13,7 @@ import ctypes
 import math
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from phiconvert import progress
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Generate, Logits, Memory, Precision, Signature, Smoke, Target
+from phiconvert.targets import ExportJob, Logits, Memory, Precision, Runtime, Signature, Target
 
 # precision -> llama.cpp file type (llama_ftype) for llama_model_quantize; f16/bf16 are written directly
 QUANTIZED = {
@@ -147,29 +148,52 @@ def _open(path: Path, n_tokens: int, batch: int | None = None) -> Any:
     )
 
 
-def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
-    """Greedy reply to the prompt the GGUF's own chat template renders (as create_chat_completion renders and
-    tokenises it), stopped where llama.cpp ends generation (its end-of-generation ids)."""
+def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
+    """llama-cpp-python over the GGUF, its chat template as create_chat_completion renders it, llama.cpp's own
+    end-of-generation ids. Exact: a context per stream sized to it, float32 KV cache (llama.cpp then picks longrope's
+    factors as transformers does for that length); else llama-cpp-python's defaults (f16 KV cache, its thread
+    counts) with a 2048-token context or the model's if shorter, reset before each stream (generate() would
+    otherwise reuse the KV cache of a matching prefix)."""
+    import gguf
     import llama_cpp
 
     path = _gguf_file(artifact)
     probe = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(probe.model)
     template = probe.metadata.get("tokenizer.chat_template", "")
-    rendered, bos = _render(template, messages, probe)
-    # a template that writes BOS itself (Llama-3's) must not get a second one from the tokenizer
-    prompt = probe.tokenize(rendered.encode(), add_bos=not (bos and rendered.startswith(bos)), special=True)
-    llm = _open(path, len(prompt) + max_new_tokens)
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    new: list[int] = []
-    for token in llm.generate(prompt, top_k=1, temp=0.0):
-        new.append(int(token))
-        if llama_cpp.llama_vocab_is_eog(vocab, token) or len(new) == max_new_tokens:
-            break
-    stopped = bool(new) and llama_cpp.llama_vocab_is_eog(vocab, new[-1])
-    text = llm.detokenize(new[:-1] if stopped else new, prev_tokens=prompt).decode("utf-8", errors="ignore")
-    llm.close()  # its mapping of the model file would count again beside the next context's
-    probe.close()
-    return Smoke(text=text, tokens=len(new), stopped_at_eot=stopped, ids=new)
+    shared = None
+    if not exact:
+        reader = gguf.GGUFReader(path)
+        trained = reader.get_field(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=_architecture(reader)))
+        n_ctx = min(2048, int(trained.contents())) if trained is not None else 2048
+        shared = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+
+    def prompt(messages: list[dict[str, str]]) -> list[int]:
+        rendered, bos = _render(template, messages, probe)
+        # a template that writes BOS itself (Llama-3's) must not get a second one from the tokenizer
+        return probe.tokenize(rendered.encode(), add_bos=not (bos and rendered.startswith(bos)), special=True)
+
+    def stream(ids: list[int], new_tokens: int, to_the_end: bool) -> Iterator[int]:
+        llm = shared or _open(path, len(ids) + new_tokens)
+        llm.reset()
+        try:
+            for count, token in enumerate(llm.generate(ids, top_k=1, temp=0.0), start=1):  # never stops by itself
+                yield int(token)
+                if count == new_tokens:
+                    break
+        finally:
+            if shared is None:
+                llm.close()  # its mapping of the model file would count again beside the next context's
+
+    def decode(ids: list[int], new: list[int]) -> str:
+        return probe.detokenize(new, prev_tokens=ids).decode("utf-8", errors="ignore")
+
+    return Runtime(
+        prompt=prompt,
+        stream=stream,
+        decode=decode,
+        is_stop=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
+    )
 
 
 def _render(template: str, messages: list[dict[str, str]], llm: Any) -> tuple[str, str]:
@@ -215,30 +239,6 @@ def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
             llm.close()
 
 
-def runner(artifact: Path) -> Generate:
-    """llama-cpp-python's defaults (f16 KV cache, its thread counts) with a 2048-token context, or the model's
-    if shorter. reset() before each call: generate() would otherwise reuse the KV cache of a matching prefix."""
-    import gguf
-    from llama_cpp import Llama
-
-    path = _gguf_file(artifact)
-    reader = gguf.GGUFReader(path)
-    trained = reader.get_field(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=_architecture(reader)))
-    n_ctx = min(2048, int(trained.contents())) if trained is not None else 2048
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
-
-    def generate(ids: list[int], new_tokens: int) -> int:
-        llm.reset()
-        count = 0
-        for _ in llm.generate(ids, top_k=1, temp=0.0):  # llama.cpp's generate() never stops at eos by itself
-            count += 1
-            if count == new_tokens:
-                break
-        return count
-
-    return generate
-
-
 TARGET = Target(
     name="gguf",
     extra="gguf",
@@ -262,9 +262,8 @@ TARGET = Target(
     tutorial="llama-cpp.md",
     default_precision="q4_k_m",
     export=export,
-    smoke=smoke,
+    open=open_runtime,
     logits=logits,
-    runner=runner,
     # measured 2026-12-02, q4_k_m: export 4.60 GiB on Phi-4-mini, 3.82 GiB on Phi-4, both two float32 copies of the
     # embedding (tensor by tensor: the BF16 intermediate, then llama.cpp's quantizer); verification 5.93 / 15.62 GiB
     # (the model mapped and repacked for the CPU, a batch's logits)

@@ -94,9 +94,8 @@ TARGET = Target(
     tutorial="hf-gptq.md",
     default_precision="int4",
     export=export,
-    smoke=hf_common.smoke,
+    open=hf_common.open_runtime,
     logits=hf_common.logits,
-    runner=hf_common.runner,
     options=(
         GROUP_SIZE,
         SYM,

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from phiconvert import stops
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import Generate, Logits, Smoke
+from phiconvert.targets import Logits, Runtime
 
 LOGITS_CHUNK = 512  # positions whose logits are computed at a time
 # files of a checkpoint folder that describe the weights; everything else (tokenizer, chat template, generation
@@ -105,24 +106,6 @@ def calibration_chunks(tokenizer: Any, texts: list[str], length: int, count: int
     return chunks or [ids]
 
 
-def generate_ids(model: Any, tokenizer: Any, artifact: Path, messages: list[dict[str, str]], max_new_tokens: int):
-    """Greedy continuation of the artifact's own chat template; returns (new token ids, end-of-turn ids)."""
-    import torch
-
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    eos = stops.stop_ids(artifact, tokenizer)
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt], device=model.device),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
-        )
-    return out[0, len(prompt) :].tolist(), eos
-
-
 def load(artifact: Path) -> Any:
     """The artifact as transformers loads it (the format's own kernels underneath), computing in float32 on the
     CPU: the most exact mode these runtimes offer, and the same on every machine."""
@@ -134,44 +117,41 @@ def load(artifact: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32, device_map="cpu").eval()
 
 
-def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
-    return smoke_with(load(artifact), artifact, messages, max_new_tokens)
+def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
+    """transformers' float32 CPU load, in both modes (the exact one is the only one these formats have here)."""
+    from transformers import AutoTokenizer
+
+    return model_runtime(load(artifact), AutoTokenizer.from_pretrained(artifact), artifact)
+
+
+def model_runtime(model: Any, tokenizer: Any, artifact: Path) -> Runtime:
+    """A loaded transformers model as a Runtime: the artifact's chat template and stop ids, greedy decoding one
+    token at a time over the model's KV cache (pure argmax: no logits processor of generate() interferes)."""
+    import torch
+
+    def prompt(messages: list[dict[str, str]]) -> list[int]:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+    def stream(ids: list[int], new_tokens: int, to_the_end: bool) -> Iterator[int]:
+        past, step = None, torch.tensor([ids], device=model.device)
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                out = model(input_ids=step, past_key_values=past, use_cache=True, logits_to_keep=1)
+                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+                yield token
+                step = torch.tensor([[token]], device=model.device)
+
+    stop = frozenset(stops.stop_ids(artifact, tokenizer))
+    return Runtime(
+        prompt=prompt,
+        stream=stream,
+        decode=lambda _, new: tokenizer.decode(new, skip_special_tokens=True),
+        is_stop=stop.__contains__,
+    )
 
 
 def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
     return logits_with(load(artifact), sequences)
-
-
-def runner(artifact: Path) -> Generate:
-    """transformers generate() on the float32 CPU load; min_new_tokens masks the eos ids until the last token."""
-    import torch
-
-    model = load(artifact)
-
-    def generate(ids: list[int], new_tokens: int) -> int:
-        tensor = torch.tensor([ids], device=model.device)
-        with torch.no_grad():
-            out = model.generate(
-                tensor,
-                attention_mask=torch.ones_like(tensor),
-                do_sample=False,
-                min_new_tokens=new_tokens,
-                max_new_tokens=new_tokens,
-            )
-        return out.shape[1] - len(ids)
-
-    return generate
-
-
-def smoke_with(model: Any, artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
-    """Smoke test of a loaded transformers model with the artifact's tokenizer and chat template."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(artifact)
-    new, eos = generate_ids(model, tokenizer, artifact, messages, max_new_tokens)
-    stopped = bool(new) and new[-1] in eos
-    text = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True)
-    return Smoke(text=text, tokens=len(new), stopped_at_eot=stopped, ids=new)
 
 
 def logits_with(model: Any, sequences: list[list[int]]) -> Logits:

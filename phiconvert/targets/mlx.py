@@ -1,4 +1,4 @@
-"""Apple MLX target: mlx-lm's own convert / load / stream_generate, so the artifact is what `mlx_lm.generate` runs.
+"""Apple MLX target: mlx-lm's own convert / load / generate_step, so the artifact is what `mlx_lm.generate` runs.
 
 mlx-lm reads the hub config layout only (the staging copy has it). Two behaviours of mlx-lm 0.31.3 shape this
 module. Its longrope (SuScaledRoPE) always rotates with the LONG factor, where transformers uses the short factor
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,12 @@ from phiconvert.errors import PhiconvertError
 from phiconvert.targets import (
     GROUP_SIZE,
     ExportJob,
-    Generate,
     Logits,
     Memory,
     Option,
     Precision,
+    Runtime,
     Signature,
-    Smoke,
     Target,
 )
 
@@ -223,21 +223,35 @@ def _use_rope_factor(model: Any, length: int) -> None:
         )
 
 
-def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
-    """Greedy chat reply through mlx-lm's stream_generate, as `mlx_lm.generate` builds the prompt."""
-    from mlx_lm import load, stream_generate
+def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
+    """mlx_lm.load (one mode: mlx-lm computes in the weights' own dtype) and generate_step: greedy, a new KV
+    cache per stream, never stopping by itself; the prompt as `mlx_lm.generate` builds it, the stop ids mlx-lm's
+    tokenizer wrapper holds."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step, generation_stream
 
     model, tokenizer = load(str(artifact))
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
-    responses = list(stream_generate(model, tokenizer, ids, max_tokens=max_new_tokens))
-    if not responses:
-        raise PhiconvertError("mlx-lm generated nothing")
-    tokens = [r.token for r in responses]  # each token once; the last one is the eos token when it stopped
-    stopped = responses[-1].finish_reason == "stop"
-    # decoded like the source's reply (special tokens skipped), not from mlx-lm's streaming text segments
-    text = tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True)
-    return Smoke(text=text, tokens=len(tokens), stopped_at_eot=stopped, ids=tokens)
+    stop = frozenset(int(t) for t in tokenizer.eos_token_ids)
+
+    def prompt(messages: list[dict[str, str]]) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def stream(ids: list[int], new_tokens: int, to_the_end: bool) -> Iterator[int]:
+        try:
+            for token, _ in generate_step(mx.array(ids), model, max_tokens=new_tokens):
+                yield int(token)
+        finally:
+            # generate_step computes one token ahead asynchronously: its work stays inside the stream that began it
+            mx.synchronize(generation_stream)
+
+    return Runtime(
+        prompt=prompt,
+        stream=stream,
+        decode=lambda _, new: tokenizer.decode(new, skip_special_tokens=True),
+        is_stop=stop.__contains__,
+    )
 
 
 def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
@@ -260,23 +274,6 @@ def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
                 yield ("stock", index), 0, np.array(model(mx.array([ids]))[0].astype(mx.float32))
 
 
-def runner(artifact: Path) -> Generate:
-    """mlx_lm.load + generate_step (greedy, a new KV cache per call, never stops at eos). generate_step computes
-    one token ahead asynchronously: waiting for its stream keeps that work inside the call that started it."""
-    import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.generate import generate_step, generation_stream
-
-    model, _ = load(str(artifact))
-
-    def generate(ids: list[int], new_tokens: int) -> int:
-        count = sum(1 for _ in generate_step(mx.array(ids), model, max_tokens=new_tokens))
-        mx.synchronize(generation_stream)
-        return count
-
-    return generate
-
-
 TARGET = Target(
     name="mlx",
     extra="mlx",
@@ -297,9 +294,8 @@ TARGET = Target(
     tutorial="mlx.md",
     default_precision="4bit",
     export=export,
-    smoke=smoke,
+    open=open_runtime,
     logits=logits,
-    runner=runner,
     options=OPTIONS,
     # measured 2026-12-02, Phi-4-mini 4bit: export 3.93 GiB (one weight at a time); runtime estimated
     memory=Memory(export=(0.5, 0.35), runtime=(1.2, 1.0)),

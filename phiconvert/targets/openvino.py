@@ -10,6 +10,7 @@ it: data-free (scales from the weights' column magnitudes), minutes and a few Gi
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,18 @@ import numpy as np
 
 from phiconvert.errors import PhiconvertError
 from phiconvert.source import parameter_count
-from phiconvert.targets import GROUP_SIZE, SYM, ExportJob, Generate, Logits, Memory, Precision, Signature, Smoke, Target
+from phiconvert.targets import (
+    GROUP_SIZE,
+    SYM,
+    ExportJob,
+    Logits,
+    Memory,
+    Precision,
+    Runtime,
+    Signature,
+    Target,
+    streamed,
+)
 
 TASK = "text-generation-with-past"
 # This CPU plugin defaults to bf16 inference and dynamic quantization; verification wants the IR's own numbers.
@@ -110,22 +122,59 @@ def weight_summary(artifact: Path, parameters: int) -> dict[str, Any]:
     return {"integer_constants": integer, "bits_per_weight": round(bits, 3)}
 
 
-def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
+def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
+    """openvino-genai's LLMPipeline with the artifact's tokenizer IRs and chat template: exact, with float32
+    inference and KV cache and no dynamic activation quantization; else the CPU default (paged attention, the whole
+    prompt in one step) minus its prefix cache, which is on by default and would skip the prefill of a prompt seen
+    before (bench would time nothing)."""
+    import openvino as ov
     import openvino_genai as ov_genai
 
-    pipe = ov_genai.LLMPipeline(str(artifact), "CPU", **EXACT)
+    if exact:
+        pipe = ov_genai.LLMPipeline(str(artifact), "CPU", **EXACT)
+    else:
+        scheduler = ov_genai.SchedulerConfig()
+        scheduler.enable_prefix_caching = False
+        scheduler.max_num_batched_tokens = 2**64 - 1  # as LLMPipeline's own default scheduler: no prompt splitting
+        pipe = ov_genai.LLMPipeline(str(artifact), "CPU", scheduler_config=scheduler)
     tokenizer = pipe.get_tokenizer()
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = tokenizer.encode(prompt, add_special_tokens=False)
-    config = pipe.get_generation_config()  # from the artifact: its end-of-turn ids must be there
-    config.max_new_tokens = max_new_tokens
-    config.do_sample = False
-    config.apply_chat_template = False
-    tokens = list(pipe.generate(inputs, config).tokens[0])
-    stop = set(config.stop_token_ids) | {config.eos_token_id}
-    stopped = len(tokens) < max_new_tokens or (bool(tokens) and tokens[-1] in stop)
-    text = tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True)
-    return Smoke(text=text, tokens=len(tokens), stopped_at_eot=stopped, ids=[int(t) for t in tokens])
+    defaults = pipe.get_generation_config()  # from the artifact: its end-of-turn ids must be there
+    stop = frozenset(defaults.stop_token_ids) | {defaults.eos_token_id}
+
+    def prompt(messages: list[dict[str, str]]) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return [int(t) for t in tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]
+
+    def stream(ids: list[int], new_tokens: int, to_the_end: bool) -> Iterator[int]:
+        config = pipe.get_generation_config()
+        config.do_sample, config.apply_chat_template = False, False
+        config.max_new_tokens = new_tokens
+        if to_the_end:
+            config.min_new_tokens, config.ignore_eos = new_tokens, True  # also ignores the stop token ids
+
+        class Push(ov_genai.StreamerBase):
+            def __init__(self, push: Any) -> None:
+                super().__init__()
+                self.push = push
+
+            def write(self, token: Any) -> Any:
+                going = all(self.push(t) for t in (token if isinstance(token, list) else [token]))
+                return ov_genai.StreamingStatus.RUNNING if going else ov_genai.StreamingStatus.STOP
+
+            def end(self) -> None:
+                pass
+
+        def run(push: Any) -> None:
+            pipe.generate(ov.Tensor(np.array([ids], dtype=np.int64)), config, Push(push))
+
+        return streamed(run)
+
+    return Runtime(
+        prompt=prompt,
+        stream=stream,
+        decode=lambda _, new: tokenizer.decode(new, skip_special_tokens=True),
+        is_stop=stop.__contains__,
+    )
 
 
 def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
@@ -137,27 +186,6 @@ def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
         tensor = torch.tensor([ids])
         with torch.no_grad():
             yield index, 0, model(input_ids=tensor, attention_mask=torch.ones_like(tensor)).logits[0].float().numpy()
-
-
-def runner(artifact: Path) -> Generate:
-    """LLMPipeline's CPU default (paged attention, whole prompt in one step) minus its prefix cache, which is on
-    by default and would skip the prefill of a prompt seen before."""
-    import openvino as ov
-    import openvino_genai as ov_genai
-
-    scheduler = ov_genai.SchedulerConfig()
-    scheduler.enable_prefix_caching = False
-    scheduler.max_num_batched_tokens = 2**64 - 1  # as LLMPipeline's own default scheduler: no prompt splitting
-    pipe = ov_genai.LLMPipeline(str(artifact), "CPU", scheduler_config=scheduler)
-    config = pipe.get_generation_config()
-    config.do_sample = False
-    config.ignore_eos = True  # also ignores the stop token ids (<|end|>)
-
-    def generate(ids: list[int], new_tokens: int) -> int:
-        config.max_new_tokens = config.min_new_tokens = new_tokens
-        return len(pipe.generate(ov.Tensor(np.array([ids], dtype=np.int64)), config).tokens[0])
-
-    return generate
 
 
 TARGET = Target(
@@ -180,9 +208,8 @@ TARGET = Target(
     tutorial="openvino.md",
     default_precision="int4",
     export=export,
-    smoke=smoke,
+    open=open_runtime,
     logits=logits,
-    runner=runner,
     options=(GROUP_SIZE.only("int4"), SYM.only("int4", "int8")),
     # measured 2026-12-02, Phi-4-mini int4: export 11.67 GiB (optimum-intel's export holds the torch model and the
     # IR it converts), smoke test 5.69 GiB, logits of a 384-token window 7.03 GiB

@@ -15,6 +15,7 @@ and ONNX Runtime's CPU attention kernel needs half the rotary dimension to be a 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,12 @@ from phiconvert.targets import (
     GROUP_SIZE,
     SYM,
     ExportJob,
-    Generate,
     Logits,
     Memory,
     Option,
     Precision,
+    Runtime,
     Signature,
-    Smoke,
     Target,
 )
 
@@ -428,24 +428,40 @@ def weight_report(artifact: Path, source: Path) -> dict[str, Any]:
     }
 
 
-def smoke(artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
+def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
+    """og.Model as the artifact configures it (one mode: its precision is the artifact's); a new Generator per
+    stream is a fresh KV cache."""
     import onnxruntime_genai as og
 
     model = og.Model(str(artifact))
     tokenizer = og.Tokenizer(model)
-    ids = tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    # og stops by itself at genai_config's eos ids; the stream keeps a character whose bytes span two tokens
-    stop, stream = {int(t) for t in tokenizer.eos_token_ids}, tokenizer.create_stream()
-    new, text = [], ""
-    while not generator.is_done():
-        generator.generate_next_token()
-        new.append(int(generator.get_next_tokens()[0]))
-        text += stream.decode(new[-1]) if new[-1] not in stop else ""
-    return Smoke(text=text, tokens=len(new), stopped_at_eot=bool(new) and new[-1] in stop, ids=new)
+    stop = frozenset(int(t) for t in tokenizer.eos_token_ids)
+
+    def prompt(messages: list[dict[str, str]]) -> list[int]:
+        return [
+            int(t)
+            for t in tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
+        ]
+
+    def stream(ids: list[int], new_tokens: int, to_the_end: bool) -> Iterator[int]:
+        params = og.GeneratorParams(model)
+        # og stops by itself at genai_config's eos ids; min_length = max_length masks them until the last token
+        length = len(ids) + new_tokens
+        params.set_search_options(do_sample=False, max_length=length, **({"min_length": length} if to_the_end else {}))
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray(ids, dtype=np.int32))  # the prefill
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])
+
+    def decode(_: list[int], new: list[int]) -> str:
+        # a stream keeps a character whose bytes span two tokens
+        text, pieces = "", tokenizer.create_stream()
+        for token in new:
+            text += pieces.decode(token)
+        return text
+
+    return Runtime(prompt=prompt, stream=stream, decode=decode, is_stop=stop.__contains__)
 
 
 def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
@@ -460,27 +476,6 @@ def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
         yield index, 0, np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
         del generator
-
-
-def runner(artifact: Path) -> Generate:
-    """og.Model as the artifact configures it; a new Generator per call is a fresh KV cache, and min_length =
-    max_length masks the eos ids until the last token."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(artifact))
-
-    def generate(ids: list[int], new_tokens: int) -> int:
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, min_length=len(ids) + new_tokens, max_length=len(ids) + new_tokens)
-        generator = og.Generator(model, params)
-        generator.append_tokens(np.asarray(ids, dtype=np.int32))  # the prefill
-        count = 0
-        while not generator.is_done():
-            generator.generate_next_token()
-            count += 1
-        return count
-
-    return generate
 
 
 TARGET = Target(
@@ -503,9 +498,8 @@ TARGET = Target(
     tutorial="onnx-runtime-genai.md",
     default_precision="int4",
     export=export,
-    smoke=smoke,
+    open=open_runtime,
     logits=logits,
-    runner=runner,
     options=OPTIONS,
     check=lambda precision, options: settings_for(precision, options) and None,
     # measured 2026-12-02, Phi-4-mini int4: export 16.0 GiB (the builder holds the packed graph, a protobuf copy

@@ -128,9 +128,8 @@ TARGET = Target(
     tutorial="hf-gptq.md",
     default_precision="8da4w",
     export=export,
-    smoke=hf_common.smoke,
+    open=hf_common.open_runtime,
     logits=hf_common.logits,
-    runner=hf_common.runner,
     # measured 2026-12-02, Phi-4-mini 8da4w: export 14.02 GiB (transformers loads the float32 model before torchao
     # quantizes it), smoke test 14.71 GiB and 1137 s for 48 tokens, logits 19.49 GiB
     memory=Memory(export=(2.0, 0.0), runtime=(7.1, 5.2)),
