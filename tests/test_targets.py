@@ -76,3 +76,46 @@ def test_readme_targets_table_is_generated_from_the_declarations():
     shown = readme.split("<!-- targets -->\n", 1)[1].split("<!-- /targets -->", 1)[0]
     assert shown == targets.markdown_table()
     assert all((root / "docs" / "tutorials" / targets.load(name).tutorial).is_file() for name in targets.names())
+
+
+def fake_runtime(tokens: list[int], stop: int, log: list[str]) -> targets.Runtime:
+    def stream(ids, new_tokens, to_the_end):
+        try:
+            yield from tokens[:new_tokens]
+        finally:
+            log.append("closed")
+
+    return targets.Runtime(prompt=lambda messages: [1, 2], stream=stream,
+                           decode=lambda ids, new: " ".join(map(str, new)), is_stop=lambda t: t == stop)  # fmt: skip
+
+
+def test_a_reply_ends_at_the_first_stop_id_and_stops_the_runtime():
+    log: list[str] = []
+    smoke = targets.reply(fake_runtime([5, 6, 9, 7, 8], stop=9, log=log), [], 48)
+    assert (smoke.ids, smoke.text, smoke.stopped_at_eot, smoke.tokens) == ([5, 6, 9], "5 6", True, 3)
+    assert log == ["closed"]
+    unfinished = targets.reply(fake_runtime([5, 6, 7], stop=9, log=[]), [], 2)
+    assert (unfinished.ids, unfinished.stopped_at_eot) == ([5, 6], False)
+    assert targets.generator(fake_runtime([5, 9, 7, 8], stop=9, log=[]))([1], 4) == 4  # bench: end-of-turn ignored
+
+
+def test_a_callback_runtime_streams_and_stops_when_the_consumer_does():
+    pushed: list[int] = []
+
+    def run(push):  # a runtime that would go on for a long while
+        for token in range(1_000_000):
+            pushed.append(token)
+            if not push(token):
+                return
+
+    stream = targets.streamed(run)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()
+    assert len(pushed) < 1_000_000  # the runtime was told to stop
+
+    def failing(push):
+        push(1)
+        raise RuntimeError("the runtime failed")
+
+    with pytest.raises(RuntimeError, match="the runtime failed"):
+        list(targets.streamed(failing))
