@@ -124,11 +124,9 @@ def precisions_help() -> str:
     lines = ["precisions (the first is the target's default):"]
     for name in targets.names():
         target = targets.load(name)
-        ordered = [target.default_precision, *(p for p in target.precisions if p != target.default_precision)]
         lines.append(f"  {name}:")
-        for p in ordered:
-            declared = target.precisions[p]
-            lines.append(f"    {p:<8} {declared.note}" + (" (experimental)" if declared.experimental else ""))
+        for precision, declared in target.listed():
+            lines.append(f"    {precision:<8} {declared.note}" + (" (experimental)" if declared.experimental else ""))
     return "\n".join(lines)
 
 

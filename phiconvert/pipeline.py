@@ -326,7 +326,7 @@ def _report(
         windows = reference["windows"]
         numbers = [verify.Positions.load(work / f"positions-{i}.npz") for i in range(len(windows))]
         summary = verify.summarise(windows, numbers)
-        bound = verify.bound_for(details.get("bound", pair.adapter.precisions[pair.precision].bound))
+        bound = verify.bound_for(details.get("bound", declared.bound))
         failures = summary.failures(bound)
         variants = {}
         for name, meaning in pair.adapter.variants.items():

@@ -246,6 +246,11 @@ class Target:
     # when this environment lacks the toolchain (its pins conflict with the main environment's)
     environment: str | None = None
 
+    def listed(self) -> list[tuple[str, Precision]]:
+        """Its precisions in the order help and tables show them: the default first."""
+        first = self.default_precision
+        return [(first, self.precisions[first]), *((p, d) for p, d in self.precisions.items() if p != first)]
+
     def smoke(self, artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
         """The greedy chat reply in the runtime's exact mode: verification's smoke test."""
         return reply(self.open(artifact, True), messages, max_new_tokens)
@@ -274,8 +279,7 @@ def markdown_table() -> str:
     lines = ["| target | precisions (default first) | runtime that proves it | options | tutorial |", "|---" * 5 + "|"]
     for name in names():
         target = load(name)
-        ordered = [target.default_precision, *(p for p in target.precisions if p != target.default_precision)]
-        shown = [p + (" (experimental)" if target.precisions[p].experimental else "") for p in ordered]
+        shown = [p + (" (experimental)" if d.experimental else "") for p, d in target.listed()]
         flags = ", ".join(f"`{o.flag}`" for o in target.options) or "—"
         link = f"[{target.tutorial}](docs/tutorials/{target.tutorial})"
         lines.append(f"| `{name}` | {', '.join(shown)} | {target.runtime} | {flags} | {link} |")
