@@ -79,14 +79,15 @@ def test_readme_targets_table_is_generated_from_the_declarations():
 
 
 def fake_runtime(tokens: list[int], stop: int, log: list[str]) -> targets.Runtime:
-    def stream(ids, new_tokens, to_the_end):
+    def stream(ids, new_tokens, to_the_end, sampling):
         try:
             yield from tokens[:new_tokens]
         finally:
             log.append("closed")
 
     return targets.Runtime(prompt=lambda messages: [1, 2], stream=stream,
-                           decode=lambda ids, new: " ".join(map(str, new)), is_stop=lambda t: t == stop)  # fmt: skip
+                           decode=lambda ids, new: " ".join(map(str, new)), is_stop=lambda t: t == stop,
+                           encode=lambda text: [1], context=64)  # fmt: skip
 
 
 def test_a_reply_ends_at_the_first_stop_id_and_stops_the_runtime():
@@ -119,3 +120,19 @@ def test_a_callback_runtime_streams_and_stops_when_the_consumer_does():
 
     with pytest.raises(RuntimeError, match="the runtime failed"):
         list(targets.streamed(failing))
+
+
+def test_sampling_picks_within_top_p_and_repeats_with_its_seed():
+    import torch
+
+    from phiconvert.targets import hf_common
+
+    logits = torch.tensor([4.0, 3.9, 0.0, -1.0])  # softmax: about 0.51, 0.46, 0.01, 0.005
+    assert hf_common.pick(logits, targets.GREEDY, None) == 0
+    narrow = targets.Sampling(temperature=1.0, top_p=0.5)  # the smallest head reaching 0.5: the first token only
+    assert {hf_common.pick(logits, narrow, torch.Generator().manual_seed(s)) for s in range(20)} == {0}
+    wide = targets.Sampling(temperature=1.0, top_p=0.9)  # the first two
+    assert {hf_common.pick(logits, wide, torch.Generator().manual_seed(s)) for s in range(40)} == {0, 1}
+    draws = [[hf_common.pick(logits, wide, g) for _ in range(10)] for g in
+             (torch.Generator().manual_seed(3), torch.Generator().manual_seed(3))]  # fmt: skip
+    assert draws[0] == draws[1]

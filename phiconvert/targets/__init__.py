@@ -134,6 +134,24 @@ Generate = Callable[[list[int], int], int]
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked: temperature 0 is greedy (argmax); else sampled from the softmax at that
+    temperature, within the smallest set of tokens whose probability reaches top_p, from ``seed`` when given (the
+    same seed then gives the same reply in the same runtime; runtimes differ in their random streams)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+GREEDY = Sampling()
+
+
+@dataclass(frozen=True)
 class Runtime:
     """An artifact loaded in its own runtime: the one small interface the smoke test, ``phiconvert bench`` and the
     coming chat and serve verbs share. Each target's ``open(artifact, exact)`` makes one; ``exact`` is the most
@@ -142,19 +160,21 @@ class Runtime:
 
     # the chat's prompt ids, rendered by the artifact's own chat template and tokenised as its runtime does
     prompt: Callable[[list[dict[str, str]]], list[int]]
-    # stream(ids, n, to_the_end) -> greedy new ids after exactly ``ids`` (no BOS added), from a fresh state, at most
-    # n; with to_the_end exactly n whatever they are (end-of-turn ignored), else it may end after an end-of-turn id.
-    # The consumer may stop early: the generator is then closed and the runtime stops too
-    stream: Callable[[list[int], int, bool], Iterator[int]]
+    # stream(ids, n, to_the_end, sampling) -> new ids after exactly ``ids`` (no BOS added), from a fresh state, at
+    # most n; with to_the_end exactly n whatever they are (end-of-turn ignored), else it may end after an
+    # end-of-turn id. The consumer may stop early: the generator is then closed and the runtime stops too
+    stream: Callable[[list[int], int, bool, Sampling], Iterator[int]]
     decode: Callable[[list[int], list[int]], str]  # decode(prompt, new) -> the new ids' text, special tokens skipped
     is_stop: Callable[[int], bool]  # the ids that end a turn (end-of-turn, eos)
+    encode: Callable[[str], list[int]]  # a plain text's ids as the runtime tokenises it (BOS where the model adds it)
+    context: int  # the most tokens, prompt and new together, one stream holds
 
 
 def reply(runtime: Runtime, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
     """A greedy chat reply, up to and including the first end-of-turn id."""
     ids = runtime.prompt(messages)
     new: list[int] = []
-    stream = runtime.stream(ids, max_new_tokens, False)
+    stream = runtime.stream(ids, max_new_tokens, False, GREEDY)
     for token in stream:
         new.append(int(token))
         if runtime.is_stop(new[-1]):
@@ -167,7 +187,7 @@ def reply(runtime: Runtime, messages: list[dict[str, str]], max_new_tokens: int)
 
 def generator(runtime: Runtime) -> Generate:
     """What bench times: exactly ``new_tokens`` greedy tokens after ``ids``; returns how many came."""
-    return lambda ids, new_tokens: sum(1 for _ in runtime.stream(ids, new_tokens, True))
+    return lambda ids, new_tokens: sum(1 for _ in runtime.stream(ids, new_tokens, True, GREEDY))
 
 
 def streamed(run: Callable[[Callable[[int], bool]], None]) -> Iterator[int]:
@@ -227,6 +247,7 @@ class Target:
     signature: Signature
     runtime: str  # the runtime that loads, generates and proves the artifact (README, docs)
     tutorial: str  # its tutorial under docs/tutorials
+    library: str  # the Hub's library_name for its artifacts (the model card's metadata)
     # options beyond precision that this target accepts (keywords of phiconvert.convert, flags of the CLI)
     options: tuple[Option, ...] = ()
     # check(precision, options): refuse a combination the target cannot do, before any work starts

@@ -132,6 +132,7 @@ TARGET = Target(
     signature=Signature(quant_method="awq"),
     runtime="transformers + gptqmodel (managed environment)",
     tutorial="hf-gptq.md",
+    library="transformers",
     default_precision="int4",
     export=export,
     open=hf_common.open_runtime,

@@ -86,6 +86,7 @@ TARGET = Target(
     signature=Signature(quant_method="bitsandbytes"),
     runtime="transformers + bitsandbytes",
     tutorial="hf-gptq.md",
+    library="transformers",
     default_precision="nf4",
     export=export,
     open=hf_common.open_runtime,

@@ -21,7 +21,7 @@ import numpy as np
 
 from phiconvert import progress
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import ExportJob, Logits, Memory, Precision, Runtime, Signature, Target
+from phiconvert.targets import ExportJob, Logits, Memory, Precision, Runtime, Sampling, Signature, Target
 
 # precision -> llama.cpp file type (llama_ftype) for llama_model_quantize; f16/bf16 are written directly
 QUANTIZED = {
@@ -173,11 +173,16 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
         # a template that writes BOS itself (Llama-3's) must not get a second one from the tokenizer
         return probe.tokenize(rendered.encode(), add_bos=not (bos and rendered.startswith(bos)), special=True)
 
-    def stream(ids: list[int], new_tokens: int, to_the_end: bool) -> Iterator[int]:
+    def stream(ids: list[int], new_tokens: int, to_the_end: bool, sampling: Sampling) -> Iterator[int]:
         llm = shared or _open(path, len(ids) + new_tokens)
         llm.reset()
+        picking = {"top_k": 1, "temp": 0.0}
+        if not sampling.greedy:  # top_k 0 and min_p 0: only temperature and top_p shape the distribution
+            picking = {"top_k": 0, "min_p": 0.0, "top_p": sampling.top_p, "temp": sampling.temperature}
+            if sampling.seed is not None:
+                llm.set_seed(sampling.seed)
         try:
-            for count, token in enumerate(llm.generate(ids, top_k=1, temp=0.0), start=1):  # never stops by itself
+            for count, token in enumerate(llm.generate(ids, **picking), start=1):  # never stops by itself
                 yield int(token)
                 if count == new_tokens:
                     break
@@ -193,6 +198,11 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
         stream=stream,
         decode=decode,
         is_stop=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
+        # add_bos: llama.cpp adds BOS only where the GGUF's tokenizer says the model takes one
+        encode=lambda text: probe.tokenize(text.encode(), add_bos=True, special=False),
+        context=shared.n_ctx()
+        if shared
+        else int(probe.metadata[f"{probe.metadata['general.architecture']}.context_length"]),
     )
 
 
@@ -260,6 +270,7 @@ TARGET = Target(
     signature=Signature(file="*.gguf"),
     runtime="llama-cpp-python",
     tutorial="llama-cpp.md",
+    library="gguf",
     default_precision="q4_k_m",
     export=export,
     open=open_runtime,

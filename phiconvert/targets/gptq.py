@@ -92,6 +92,7 @@ TARGET = Target(
     signature=Signature(quant_method="gptq"),
     runtime="transformers + gptqmodel (managed environment)",
     tutorial="hf-gptq.md",
+    library="transformers",
     default_precision="int4",
     export=export,
     open=hf_common.open_runtime,

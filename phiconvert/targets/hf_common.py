@@ -19,7 +19,7 @@ import numpy as np
 
 from phiconvert import stops
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import Logits, Runtime
+from phiconvert.targets import Logits, Runtime, Sampling
 
 LOGITS_CHUNK = 512  # positions whose logits are computed at a time
 # files of a checkpoint folder that describe the weights; everything else (tokenizer, chat template, generation
@@ -132,12 +132,13 @@ def model_runtime(model: Any, tokenizer: Any, artifact: Path) -> Runtime:
     def prompt(messages: list[dict[str, str]]) -> list[int]:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
-    def stream(ids: list[int], new_tokens: int, to_the_end: bool) -> Iterator[int]:
+    def stream(ids: list[int], new_tokens: int, to_the_end: bool, sampling: Sampling) -> Iterator[int]:
         past, step = None, torch.tensor([ids], device=model.device)
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         with torch.no_grad():
             for _ in range(new_tokens):
                 out = model(input_ids=step, past_key_values=past, use_cache=True, logits_to_keep=1)
-                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+                past, token = out.past_key_values, pick(out.logits[0, -1].float().cpu(), sampling, generator)
                 yield token
                 step = torch.tensor([[token]], device=model.device)
 
@@ -147,7 +148,22 @@ def model_runtime(model: Any, tokenizer: Any, artifact: Path) -> Runtime:
         stream=stream,
         decode=lambda _, new: tokenizer.decode(new, skip_special_tokens=True),
         is_stop=stop.__contains__,
+        encode=lambda text: list(tokenizer(text)["input_ids"]),
+        context=model.config.get_text_config().max_position_embeddings,
     )
+
+
+def pick(logits: Any, sampling: Sampling, generator: Any) -> int:
+    """The next token from one position's logits: argmax, or a top-p sample at the temperature."""
+    import torch
+
+    if sampling.greedy:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    ordered, order = probs.sort(descending=True)
+    keep = ordered.cumsum(0) - ordered < sampling.top_p  # the smallest head reaching top_p (the first always)
+    chosen = torch.multinomial(ordered[keep] / ordered[keep].sum(), 1, generator=generator)
+    return int(order[keep][chosen])
 
 
 def logits(artifact: Path, sequences: list[list[int]]) -> Logits:

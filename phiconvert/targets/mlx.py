@@ -26,6 +26,7 @@ from phiconvert.targets import (
     Option,
     Precision,
     Runtime,
+    Sampling,
     Signature,
     Target,
 )
@@ -230,6 +231,7 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import generate_step, generation_stream
+    from mlx_lm.sample_utils import make_sampler
 
     model, tokenizer = load(str(artifact))
     stop = frozenset(int(t) for t in tokenizer.eos_token_ids)
@@ -238,9 +240,14 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(tokenizer.encode(text, add_special_tokens=False))
 
-    def stream(ids: list[int], new_tokens: int, to_the_end: bool) -> Iterator[int]:
+    def stream(ids: list[int], new_tokens: int, to_the_end: bool, sampling: Sampling) -> Iterator[int]:
+        sampler = None  # mlx-lm's default: argmax
+        if not sampling.greedy:
+            sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p if sampling.top_p < 1 else 0.0)
+            if sampling.seed is not None:
+                mx.random.seed(sampling.seed)
         try:
-            for token, _ in generate_step(mx.array(ids), model, max_tokens=new_tokens):
+            for token, _ in generate_step(mx.array(ids), model, max_tokens=new_tokens, sampler=sampler):
                 yield int(token)
         finally:
             # generate_step computes one token ahead asynchronously: its work stays inside the stream that began it
@@ -251,6 +258,8 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
         stream=stream,
         decode=lambda _, new: tokenizer.decode(new, skip_special_tokens=True),
         is_stop=stop.__contains__,
+        encode=lambda text: list(tokenizer.encode(text)),
+        context=json.loads((artifact / "config.json").read_text())["max_position_embeddings"],
     )
 
 
@@ -292,6 +301,7 @@ TARGET = Target(
     signature=Signature(config_key="quantization"),
     runtime="mlx-lm (`mlx-lm[cpu]` on Linux, Metal on a Mac)",
     tutorial="mlx.md",
+    library="mlx",
     default_precision="4bit",
     export=export,
     open=open_runtime,

@@ -9,6 +9,7 @@ it: data-free (scales from the weights' column magnitudes), minutes and a few Gi
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from phiconvert.targets import (
     Memory,
     Precision,
     Runtime,
+    Sampling,
     Signature,
     Target,
     streamed,
@@ -145,10 +147,14 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return [int(t) for t in tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]
 
-    def stream(ids: list[int], new_tokens: int, to_the_end: bool) -> Iterator[int]:
+    def stream(ids: list[int], new_tokens: int, to_the_end: bool, sampling: Sampling) -> Iterator[int]:
         config = pipe.get_generation_config()
-        config.do_sample, config.apply_chat_template = False, False
+        config.do_sample, config.apply_chat_template = not sampling.greedy, False
         config.max_new_tokens = new_tokens
+        if not sampling.greedy:
+            config.temperature, config.top_p, config.top_k = sampling.temperature, sampling.top_p, 0
+            if sampling.seed is not None:
+                config.rng_seed = sampling.seed
         if to_the_end:
             config.min_new_tokens, config.ignore_eos = new_tokens, True  # also ignores the stop token ids
 
@@ -174,6 +180,8 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
         stream=stream,
         decode=lambda _, new: tokenizer.decode(new, skip_special_tokens=True),
         is_stop=stop.__contains__,
+        encode=lambda text: [int(t) for t in tokenizer.encode(text).input_ids.data[0]],
+        context=json.loads((artifact / "config.json").read_text())["max_position_embeddings"],
     )
 
 
@@ -206,6 +214,7 @@ TARGET = Target(
     signature=Signature(file="openvino_model.xml"),
     runtime="openvino-genai, optimum-intel",
     tutorial="openvino.md",
+    library="openvino",
     default_precision="int4",
     export=export,
     open=open_runtime,

@@ -33,6 +33,7 @@ from phiconvert.targets import (
     Option,
     Precision,
     Runtime,
+    Sampling,
     Signature,
     Target,
 )
@@ -443,11 +444,18 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
             for t in tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
         ]
 
-    def stream(ids: list[int], new_tokens: int, to_the_end: bool) -> Iterator[int]:
+    def stream(ids: list[int], new_tokens: int, to_the_end: bool, sampling: Sampling) -> Iterator[int]:
         params = og.GeneratorParams(model)
         # og stops by itself at genai_config's eos ids; min_length = max_length masks them until the last token
         length = len(ids) + new_tokens
-        params.set_search_options(do_sample=False, max_length=length, **({"min_length": length} if to_the_end else {}))
+        search: dict[str, Any] = {"do_sample": False, "max_length": length}
+        if to_the_end:
+            search["min_length"] = length
+        if not sampling.greedy:  # top_k 0: og's default of 50 would cut what top_p keeps
+            search.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            if sampling.seed is not None:
+                search["random_seed"] = sampling.seed
+        params.set_search_options(**search)
         generator = og.Generator(model, params)
         generator.append_tokens(np.asarray(ids, dtype=np.int32))  # the prefill
         while not generator.is_done():
@@ -461,7 +469,14 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
             text += pieces.decode(token)
         return text
 
-    return Runtime(prompt=prompt, stream=stream, decode=decode, is_stop=stop.__contains__)
+    return Runtime(
+        prompt=prompt,
+        stream=stream,
+        decode=decode,
+        is_stop=stop.__contains__,
+        encode=lambda text: [int(t) for t in tokenizer.encode(text)],
+        context=json.loads((artifact / "genai_config.json").read_text())["model"]["context_length"],
+    )
 
 
 def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
@@ -496,6 +511,7 @@ TARGET = Target(
     signature=Signature(file="genai_config.json"),
     runtime="onnxruntime-genai",
     tutorial="onnx-runtime-genai.md",
+    library="onnxruntime-genai",
     default_precision="int4",
     export=export,
     open=open_runtime,

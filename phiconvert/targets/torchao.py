@@ -126,6 +126,7 @@ TARGET = Target(
     signature=Signature(quant_method="torchao"),
     runtime="transformers + torchao",
     tutorial="hf-gptq.md",
+    library="transformers",
     default_precision="8da4w",
     export=export,
     open=hf_common.open_runtime,
