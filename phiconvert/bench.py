@@ -8,10 +8,16 @@ each length, generation the rate of the following tokens. Timings are the best o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +117,100 @@ def measure(
         "size_bytes": sum(p.stat().st_size for p in files if p.name != "phiconvert.json"),
         **run["result"],
     }
+
+
+CLIENTS = (1, 4, 16)  # concurrent clients of `bench --serve`
+SERVE_REQUESTS = 16  # requests per number of clients (at least one per client)
+SERVE_SECONDS = 300.0  # per number of clients: no request starts after this
+QUESTION = [{"role": "user", "content": "What is a list comprehension?"}]
+
+
+def serving(
+    artifacts: list[str],
+    clients: tuple[int, ...] | list[int] = CLIENTS,
+    requests: int = SERVE_REQUESTS,
+    new_tokens: int = NEW_TOKENS,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """`phiconvert serve` each artifact on a loopback port, then ``requests`` streamed chat requests of
+    ``new_tokens`` tokens from 1, 4 and 16 concurrent clients: requests per second, time to the first token
+    (what a client waits, its turn in the queue included), tokens per second over all clients."""
+    if not artifacts or not clients or min(clients) < 1 or requests < 1 or new_tokens < 1:
+        raise PhiconvertError("bench --serve needs artifacts, positive --clients, --requests and --new-tokens")
+    emit = progress or (lambda event: None)
+    results = []
+    for item in artifacts:
+        with served(item, new_tokens) as (base, health):
+            for count in clients:
+                name = f"serve {health['target']} · {count} client{'s' if count > 1 else ''}"
+                emit({"stage": name, "status": "start"})
+                row = asyncio.run(load(base, health["model"], count, max(requests, count), new_tokens))
+                emit({"stage": name, "status": "done", "seconds": row["seconds"]})
+                results.append({"artifact": item, "target": health["target"], "rss": health["rss_bytes"], **row})
+    return results
+
+
+@contextlib.contextmanager
+def served(item: str, new_tokens: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`phiconvert serve ITEM` on a free loopback port until /health answers; ended when done."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "phiconvert", "serve", str(item), "--host", "127.0.0.1", "--port", str(port),
+               "--max-tokens-limit", str(new_tokens)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        health = None
+        while health is None:
+            if process.poll() is not None:
+                lines = process.stderr.read().strip().splitlines() or ["the server ended"]
+                raise PhiconvertError(f"bench --serve {item}: {lines[-1].removeprefix('error: ')}")
+            try:
+                health = httpx.get(base + "/health", timeout=2).json()
+            except httpx.TransportError:
+                time.sleep(0.3)
+        yield base, health
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+async def load(base: str, model: str, clients: int, requests: int, new_tokens: int) -> dict[str, Any]:
+    """``requests`` streamed greedy chat requests, ``clients`` at a time."""
+    import httpx
+
+    waits: list[float] = []
+    tokens = [0]
+    deadline = time.perf_counter() + SERVE_SECONDS
+    queue = list(range(requests))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while queue and time.perf_counter() < deadline:
+            queue.pop()
+            body = {"model": model, "messages": QUESTION, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
+            sent, first = time.perf_counter(), None
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    raise PhiconvertError(f"bench --serve: HTTP {response.status_code} from {base}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                        first = time.perf_counter() - sent
+                    tokens[0] += (chunk.get("usage") or {}).get("completion_tokens", 0)
+            waits.append(first if first is not None else time.perf_counter() - sent)
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, timeout=SERVE_SECONDS) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    seconds = time.perf_counter() - start
+    waits.sort()
+    return {"clients": clients, "requests": len(waits), "seconds": seconds, "requests_per_s": len(waits) / seconds,
+            "ttft_p50_s": waits[len(waits) // 2], "ttft_max_s": waits[-1], "tokens_per_s": tokens[0] / seconds,
+            "new_tokens": new_tokens}  # fmt: skip

@@ -32,7 +32,7 @@ from rich.progress import (
 from rich.table import Table
 
 from phiconvert import envs, hardware, preflight, source, targets
-from phiconvert.bench import NEW_TOKENS, PROMPT_LENGTHS, REPEATS, bench
+from phiconvert.bench import CLIENTS, NEW_TOKENS, PROMPT_LENGTHS, REPEATS, SERVE_REQUESTS, bench, serving
 from phiconvert.errors import PhiconvertError
 from phiconvert.pipeline import VERIFY_MODES, VerificationFailed, convert
 from phiconvert.report import caveats
@@ -51,7 +51,8 @@ def convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="phiconvert",
         description="Convert a Hugging Face Phi model into a deployment format and verify it against the source. "
-        "Other commands: `phiconvert bench ARTIFACT...`, `phiconvert doctor`, `phiconvert setup NAME`.",
+        "Other commands: `phiconvert chat ARTIFACT`, `phiconvert serve ARTIFACT`, `phiconvert publish ARTIFACT REPO`, "
+        "`phiconvert bench ARTIFACT...`, `phiconvert doctor`, `phiconvert setup NAME`.",
         epilog=precisions_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -326,6 +327,13 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, default=REPEATS, help="runs per measure; the fastest is kept (default %(default)s)"
     )
+    p.add_argument("--serve", action="store_true",
+                   help="measure each artifact behind `phiconvert serve` instead: requests/s and time to first token "
+                   "at --clients concurrent clients")  # fmt: skip
+    p.add_argument("--clients", type=lengths, default=CLIENTS,
+                   help="with --serve: concurrent clients, comma-separated (default %(default)s)")  # fmt: skip
+    p.add_argument("--requests", type=int, default=SERVE_REQUESTS,
+                   help="with --serve: requests per number of clients (default %(default)s)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the measurements as JSON on stdout")
     return p
 
@@ -339,6 +347,8 @@ def lengths(text: str) -> tuple[int, ...]:
 
 def run_bench(argv: list[str]) -> int:
     args = bench_parser().parse_args(argv)
+    if args.serve:
+        return run_bench_serve(args)
     results, console = with_stage_lines(bench, args)
     console.width = max(console.width, 150)  # a column per prompt length: do not squeeze them into a log's 80
     table = Table(title="phiconvert bench")
@@ -354,6 +364,100 @@ def run_bench(argv: list[str]) -> int:
         label = f"{r['target']} {r['precision'] or ''}"
         table.add_row(Path(r["artifact"]).name, label, gib(r["size_bytes"]), f"{r['load_s']:.2f}", gib(r["load_rss"]),
                       gib(r["peak_rss"]), *speeds)  # fmt: skip
+    console.print(table)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def add_session_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="a phiconvert output folder, an artifact folder, or a model (folder, bundled:NAME)")
+    p.add_argument("--exact", action="store_true",
+                   help="the runtime's most exact mode, as verification's smoke test runs it (default: its "
+                   "deployment defaults, as bench measures it)")  # fmt: skip
+
+
+def run_chat(argv: list[str]) -> int:
+    from phiconvert.chat import chat
+    from phiconvert.session import Session, check_sampling
+
+    p = argparse.ArgumentParser(prog="phiconvert chat", description="Chat with an artifact in its own runtime. "
+                                "Commands in the chat: /reset, /system TEXT, /exit.")  # fmt: skip
+    add_session_options(p)
+    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per reply (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); else sampled")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    args = p.parse_args(argv)
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "seed": args.seed}  # fmt: skip
+    check_sampling(**sampling)
+    with Session(args.artifact, exact=args.exact) as session:
+        chat(session, system=args.system, prompt=args.prompt, **sampling)
+    return 0
+
+
+def run_serve(argv: list[str]) -> int:
+    from phiconvert.serve import MAX_TOKENS, serve
+
+    p = argparse.ArgumentParser(prog="phiconvert serve", description="Serve an artifact behind an OpenAI-compatible "
+                                "API: /v1/chat/completions, /v1/completions, /v1/models, /health.")  # fmt: skip
+    add_session_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("PHICONVERT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+                   "$PHICONVERT_API_KEY; none)")  # fmt: skip
+    p.add_argument("--model-name", help="the model id clients ask for (default: the artifact folder's name)")
+    p.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS,
+                   help="the largest max_tokens a request may ask for (default %(default)s)")  # fmt: skip
+    args = p.parse_args(argv)
+    serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, model=args.model_name,
+          max_tokens=args.max_tokens_limit, exact=args.exact,
+          announce=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+    return 0
+
+
+def run_publish(argv: list[str]) -> int:
+    from phiconvert.publish import publish
+
+    p = argparse.ArgumentParser(prog="phiconvert publish", description="Upload an artifact to the Hugging Face Hub "
+                                "with a model card carrying its measured numbers (token: HF_TOKEN or `hf auth "
+                                "login`; endpoint: HF_ENDPOINT).")  # fmt: skip
+    p.add_argument("artifact", help="a folder phiconvert converted (it has phiconvert.json)")
+    p.add_argument("repo_id", help="OWNER/NAME of the model repository (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--dry-run", action="store_true", help="write README.md (the card) and list what would go up")
+    p.add_argument("--base-model", help="the Hub id of the source, when it was converted from a local folder")
+    p.add_argument("--json", action="store_true", help="print what was uploaded as JSON on stdout")
+    args = p.parse_args(argv)
+    done = publish(args.artifact, args.repo_id, private=args.private, dry_run=args.dry_run,
+                   base_model=args.base_model)  # fmt: skip
+    if args.json:
+        print(json.dumps(done, indent=2))
+    elif args.dry_run:
+        print(f"card written: {done['card']}\nwould upload {len(done['files'])} files ({gib(done['bytes'])}) to "
+              f"{done['repo_id']}:\n  " + "\n  ".join(done["files"]))  # fmt: skip
+    else:
+        print(f"uploaded {len(done['files'])} files ({gib(done['bytes'])}) to {done['url']}")
+    return 0
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    with StageLines(console) as lines:
+        results = serving(args.artifacts, args.clients, args.requests, args.new_tokens, progress=lines)
+    console.width = max(console.width, 120)
+    table = Table(title=f"phiconvert bench --serve ({args.new_tokens} new tokens per request, greedy, streamed)")
+    for column in ("artifact", "target", "served RSS", "clients", "requests", "requests/s", "TTFT p50 s",
+                   "TTFT max s", "tokens/s"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("artifact", "target") else "right")
+    for r in results:
+        table.add_row(Path(r["artifact"]).name, r["target"], gib(r["rss"]), str(r["clients"]), str(r["requests"]),
+                      f"{r['requests_per_s']:.2f}", f"{r['ttft_p50_s']:.3f}", f"{r['ttft_max_s']:.3f}",
+                      f"{r['tokens_per_s']:.1f}")  # fmt: skip
     console.print(table)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -427,7 +531,14 @@ def machine_memory() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"setup": run_setup, "doctor": run_doctor, "bench": run_bench}
+    commands = {
+        "setup": run_setup,
+        "doctor": run_doctor,
+        "bench": run_bench,
+        "chat": run_chat,
+        "serve": run_serve,
+        "publish": run_publish,
+    }
     run = commands.get(argv[0]) if argv else None
     try:
         code = run(argv[1:]) if run else run_convert(argv)

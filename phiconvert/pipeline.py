@@ -12,6 +12,7 @@ every stage passed, and everything is built in a temporary folder beside it.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -111,7 +112,7 @@ def convert(
         runs = []
         for pair in pairs:
             tagged = emit_with(emit, pair.label) if several else emit
-            calibrated = (samples, calibration is not None)
+            calibrated = (samples, calibration)
             runs.append(convert_pair(src, staging, reference, pair, calibrated, skipped_windows, temp, tagged))
             if not several and runs[-1]["status"] == "failed" and "report" not in runs[-1]:
                 raise PhiconvertError(runs[-1]["error"])
@@ -234,14 +235,14 @@ def convert_pair(
     staging: Path,
     reference: dict[str, Any] | None,
     pair: Pair,
-    calibration: tuple[list[str], bool],
+    calibration: tuple[list[str], str | None],  # the samples, and --calibration as given (None: built-in)
     skipped_windows: list[str],
     temp: Path,
     emit: Progress,
 ) -> dict[str, Any]:
     """Export, smoke-test and verify one pair inside ``temp``: its row (status, report, artifact folder)."""
     row: dict[str, Any] = {"target": pair.target, "precision": pair.precision}
-    samples, calibration_given = calibration
+    samples, calibration_given = calibration[0], calibration[1] is not None
     if pair.skipped:
         emit({"stage": "plan", "status": "note", "message": f"- {pair.label}: skipped, {pair.skipped}"})
         return {**row, "status": "skipped", "error": pair.skipped}
@@ -277,12 +278,26 @@ def convert_pair(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     built["seconds"] = time.perf_counter() - started
+    built["command"] = command_line(src.model, pair, calibration[1])
     fidelity = built["fidelity"]
     if fidelity and not fidelity["passed"]:
         error = f"verification failed for {pair.label}: {'; '.join(fidelity['failures'])}"
         emit({"stage": "convert", "status": "note", "message": f"✗ {error}"})
         return {**row, "status": "failed", "error": error, "report": built, "folder": artifact}
     return {**row, "status": "passed", "report": built, "folder": artifact}
+
+
+def command_line(model: str, pair: Pair, calibration: str | None) -> str:
+    """The command that makes this artifact again (model cards, reports): the pair's target, precision, the
+    options it was given and the calibration; verification settings aside, which do not change the artifact."""
+    parts = ["phiconvert", model, "--target", pair.target, "--precision", pair.precision]
+    for option in pair.adapter.options:
+        value = (pair.options or {}).get(option.name)
+        if isinstance(value, bool):
+            parts.append(option.flag if value else f"--{option.off}" if option.off else f"--no-{option.flag[2:]}")
+        elif value is not None:
+            parts += [option.flag, str(value)]
+    return shlex.join(parts + (["--calibration", calibration] if calibration is not None else []))
 
 
 def source_chat(staging: Path, runs: list[dict[str, Any]], temp: Path, emit: Progress) -> None:

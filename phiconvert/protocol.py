@@ -67,8 +67,26 @@ class BenchJob:
     repeats: int
 
 
-Job = ReferenceJob | TargetJob | SourceChatJob | BenchJob
-KINDS: dict[str, type[Job]] = {kind.kind: kind for kind in (ReferenceJob, TargetJob, SourceChatJob, BenchJob)}
+@dataclass(frozen=True)
+class SessionJob:
+    """Load an artifact (``target``; "source": the source model) and answer generation requests until stdin ends.
+
+    Requests are JSON lines on the worker's stdin: ``{"messages": [...]}`` (a chat, rendered by the artifact's own
+    template) or ``{"text": "..."}`` (a plain prompt), with ``max_tokens``, ``temperature``, ``top_p``, ``seed`` and
+    ``stop`` (strings); ``{"cancel": true}`` ends the generation under way. Answers are events: ``ready`` once, then
+    per request ``piece`` events and one ``end``, or one ``refused``.
+    """
+
+    kind: ClassVar[str] = "session"
+    target: str
+    artifact: str
+    exact: bool  # the runtime's most exact mode (verification's smoke test), else its deployment defaults
+
+
+Job = ReferenceJob | TargetJob | SourceChatJob | BenchJob | SessionJob
+KINDS: dict[str, type[Job]] = {
+    kind.kind: kind for kind in (ReferenceJob, TargetJob, SourceChatJob, BenchJob, SessionJob)
+}
 
 
 def write_job(job: Job, path: Path) -> None:
@@ -102,3 +120,9 @@ class Event(TypedDict, total=False):
     worker: str
     result: dict[str, Any]
     error: str
+    ready: dict[str, Any]  # a session's runtime is loaded: its context, the worker's resident memory (rss)
+    piece: str  # a session's next text (may be empty: a token whose text is not complete yet), with ``token``
+    token: int
+    end: dict[str, Any]  # a session's request is done: finish_reason, prompt_tokens, completion_tokens
+    refused: str  # a session's request could not start (one line), with ``code`` where the API has one
+    code: str

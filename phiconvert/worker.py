@@ -24,11 +24,12 @@ from typing import Any
 
 from phiconvert import progress, stops
 from phiconvert.errors import PhiconvertError
-from phiconvert.protocol import BenchJob, Event, ReferenceJob, SourceChatJob, TargetJob, read_job
+from phiconvert.protocol import BenchJob, Event, ReferenceJob, SessionJob, SourceChatJob, TargetJob, read_job
 
 
-def peak_rss() -> int:
-    """Peak resident set size of this process since the current stage began (or since it started), in bytes.
+def peak_rss(field: str = "VmHWM") -> int:
+    """Peak resident set size of this process since the current stage began (or since it started), in bytes
+    (``field`` "VmRSS": the resident size now).
 
     On Linux from /proc (VmHWM): getrusage's ru_maxrss starts a forked child at its parent's peak, so a worker
     started by a parent that holds torch would report the parent's memory as its own.
@@ -36,7 +37,7 @@ def peak_rss() -> int:
     status = Path("/proc/self/status")
     if status.exists():
         for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
@@ -237,11 +238,109 @@ def run_bench(job: BenchJob, send: Send) -> dict[str, Any]:
 # decode takes milliseconds, which one descheduled run swamps; seen in CI as a missing generation speed)
 EXTRA_ROUNDS = 5
 
+
+def run_session(job: SessionJob, send: Send) -> dict[str, Any]:
+    """Hold the artifact in its runtime and answer requests from stdin one at a time."""
+    import queue
+    import threading
+
+    from phiconvert import targets
+    from phiconvert.targets import hf_common
+
+    opener = hf_common.open_runtime if job.target == "source" else targets.load(job.target).open
+    runtime = timed_stage(send, "load", opener, Path(job.artifact), job.exact)
+    send({"ready": {"context": runtime.context, "rss": peak_rss("VmRSS")}})
+    requests: queue.Queue = queue.Queue()
+
+    def read() -> None:  # a reader thread, so a cancel can arrive while a generation runs
+        for line in sys.stdin:
+            if line.strip():
+                requests.put(json.loads(line))
+        requests.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    while (request := requests.get()) is not None:
+        if request.get("cancel"):
+            continue  # arrived after its generation had ended
+        try:
+            answer(runtime, request, requests, send)
+        except PromptTooLong as error:
+            send({"refused": str(error), "code": "context_length_exceeded"})
+        except Exception as error:  # a chat the template rejects, ...: one line, and the runtime stays loaded
+            traceback.print_exc()
+            send({"refused": f"{type(error).__name__}: {str(error).strip()}"[:500]})
+    return {}
+
+
+def answer(runtime: Any, request: dict[str, Any], requests: Any, send: Send) -> None:
+    """One request: prompt ids, then text pieces as tokens come; a piece is held back while it may be the start
+    of a stop string or ends inside a character, and the text ends before a stop string or a stop id."""
+    from phiconvert.targets import Sampling
+
+    ids = runtime.prompt(request["messages"]) if "messages" in request else runtime.encode(request["text"])
+    if len(ids) >= runtime.context:
+        raise PromptTooLong(f"the prompt is {len(ids)} tokens; this model's context is {runtime.context}")
+    budget = min(int(request.get("max_tokens", 256)), runtime.context - len(ids))
+    sampling = Sampling(float(request.get("temperature", 0.0)), float(request.get("top_p", 1.0)), request.get("seed"))
+    strings = [s for s in request.get("stop") or [] if s]
+    new: list[int] = []
+    made, shown, reason, text = 0, 0, "length", ""
+    stream = runtime.stream(ids, budget, False, sampling)
+    for token in stream:
+        if cancelled(requests):
+            reason = "cancelled"
+            break
+        made += 1
+        if runtime.is_stop(token):
+            reason = "stop"
+            break
+        new.append(int(token))
+        text = runtime.decode(ids, new)
+        cut = min((i for i in (text.find(s, max(0, shown - len(s))) for s in strings) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+            break
+        ready = held_back(text, strings)
+        send({"piece": text[shown:ready], "token": int(token)})
+        shown = max(shown, ready)
+    getattr(stream, "close", lambda: None)()
+    if reason != "cancelled" and len(text) > shown:
+        send({"piece": text[shown:], "token": -1})
+    send({"end": {"finish_reason": reason, "prompt_tokens": len(ids), "completion_tokens": made}})
+
+
+class PromptTooLong(PhiconvertError):
+    pass
+
+
+def held_back(text: str, strings: list[str]) -> int:
+    """How much of ``text`` may be shown: not a trailing incomplete character, nor a tail that may begin a stop
+    string."""
+    end = len(text.rstrip("\ufffd"))
+    for s in strings:
+        for n in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:n]):
+                end -= n
+                break
+    return end
+
+
+def cancelled(requests: Any) -> bool:
+    """Whether a cancel is waiting (requests come one at a time: nothing else can be queued during one)."""
+    import queue
+
+    try:
+        return bool(requests.get_nowait().get("cancel"))
+    except queue.Empty:
+        return False
+
+
 RUNS: dict[type, Callable[[Any, Send], dict[str, Any]]] = {
     ReferenceJob: run_reference,
     SourceChatJob: run_source_chat,
     TargetJob: run_target,
     BenchJob: run_bench,
+    SessionJob: run_session,
 }
 
 
