@@ -273,11 +273,17 @@ def summary(report: dict[str, Any]) -> Table:
 
 
 def with_stage_lines(verb: Callable[..., Any], args: argparse.Namespace) -> tuple[Any, Console]:
-    """Call ``verb`` with the parsed options it mirrors (all but --json), one line per stage on stderr."""
+    """Call ``verb`` with the parsed options it takes (all but --json where it takes any keyword), one line per
+    stage on stderr."""
+    import inspect
+
     console = Console(stderr=True)
     lines = StageLines(console)
+    taken = inspect.signature(verb).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in taken.values())
+    given = {k: v for k, v in vars(args).items() if k != "json" and (takes_any or k in taken)}
     with lines:
-        result = verb(**{k: v for k, v in vars(args).items() if k != "json"}, progress=lines)
+        result = verb(**given, progress=lines)
     return result, console
 
 
@@ -446,9 +452,7 @@ def run_publish(argv: list[str]) -> int:
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
-    with StageLines(console) as lines:
-        results = serving(args.artifacts, args.clients, args.requests, args.new_tokens, progress=lines)
+    results, console = with_stage_lines(serving, args)
     console.width = max(console.width, 120)
     table = Table(title=f"phiconvert bench --serve ({args.new_tokens} new tokens per request, greedy, streamed)")
     for column in ("artifact", "target", "served RSS", "clients", "requests", "requests/s", "TTFT p50 s",
@@ -461,6 +465,38 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     console.print(table)
     if args.json:
         print(json.dumps(results, indent=2))
+    return 0
+
+
+def run_eval(argv: list[str]) -> int:
+    from phiconvert.evaluate import LOCAL_TASKS, evaluate, plus_minus
+
+    p = argparse.ArgumentParser(prog="phiconvert eval", description="Task accuracy of artifacts with lm-eval, "
+                                "each in its own runtime, next to the source model.")  # fmt: skip
+    p.add_argument("artifacts", nargs="+", help="artifact folders (phiconvert output folders)")
+    p.add_argument("--tasks", type=lambda text: [t for t in text.split(",") if t],
+                   help=f"comma-separated lm-eval tasks (default: the bundled {', '.join(LOCAL_TASKS)})")  # fmt: skip
+    p.add_argument("--limit", type=int, help="at most this many items per task")
+    p.add_argument("--baseline", help="the model to compare with (default: the source in the first artifact's "
+                   "phiconvert.json)")  # fmt: skip
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per item (default: the task's)")
+    p.add_argument("--output", default="phiconvert-eval", help="folder of eval.json, eval.html (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    args = p.parse_args(argv)
+    report, console = with_stage_lines(evaluate, args)
+    console.width = max(console.width, 120)
+    table = Table(title=f"phiconvert eval (baseline: {report['baseline']['name']}; * : |Δ| > 2 stderr)")
+    for column in ("task", "metric", "n", "baseline", "model", "score", "Δ"):
+        table.add_column(column, justify="left" if column in ("task", "metric", "model") else "right")
+    for line in report["table"]:
+        table.add_row(line["task"], line["metric"], str(line["samples"] or ""),
+                      plus_minus(line["baseline"], line["baseline_stderr"]), f"{line['model']} ({line['target']})",
+                      plus_minus(line["score"], line["stderr"]),
+                      f"{line['delta']:+.3f}" + (" *" if line["flagged"] else ""))  # fmt: skip
+    console.print(table)
+    console.print(f"written: {args.output}/eval.json, {args.output}/eval.html", highlight=False)
+    if args.json:
+        print(json.dumps(report, indent=2))
     return 0
 
 
@@ -538,6 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         "chat": run_chat,
         "serve": run_serve,
         "publish": run_publish,
+        "eval": run_eval,
     }
     run = commands.get(argv[0]) if argv else None
     try:

@@ -73,8 +73,9 @@ class SessionJob:
 
     Requests are JSON lines on the worker's stdin: ``{"messages": [...]}`` (a chat, rendered by the artifact's own
     template) or ``{"text": "..."}`` (a plain prompt), with ``max_tokens``, ``temperature``, ``top_p``, ``seed`` and
-    ``stop`` (strings); ``{"cancel": true}`` ends the generation under way. Answers are events: ``ready`` once, then
-    per request ``piece`` events and one ``end``, or one ``refused``.
+    ``stop`` (strings); ``{"cancel": true}`` ends the generation under way; ``{"score": [[context, continuation],
+    ...]}`` asks for each continuation's log-probability. Answers are events: ``ready`` once, then per request
+    ``piece`` events and one ``end``, or one ``scores``, or one ``refused``.
     """
 
     kind: ClassVar[str] = "session"
@@ -124,5 +125,6 @@ class Event(TypedDict, total=False):
     piece: str  # a session's next text (may be empty: a token whose text is not complete yet), with ``token``
     token: int
     end: dict[str, Any]  # a session's request is done: finish_reason, prompt_tokens, completion_tokens
+    scores: list[list[Any]]  # a session's answer to ``{"score": [[context, continuation], ...]}``: (logprob, greedy)
     refused: str  # a session's request could not start (one line), with ``code`` where the API has one
     code: str

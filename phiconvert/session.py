@@ -118,6 +118,17 @@ class Session:
                     while "end" not in self._next(quiet):
                         pass
 
+    def score(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """Each continuation's log-probability after its context, and whether greedy decoding would produce it."""
+        with self.lock:
+            self._send({"score": [list(pair) for pair in pairs]})
+            event = self._next(quiet)
+            while "scores" not in event and "refused" not in event:
+                event = self._next(quiet)
+        if "refused" in event:
+            raise PromptRefused(event["refused"], event.get("code"))
+        return [(float(total), bool(greedy)) for total, greedy in event["scores"]]
+
     def reply(self, **request: Any) -> tuple[str, dict[str, Any]]:
         """The whole reply's text and its end event."""
         pieces, end = [], {}

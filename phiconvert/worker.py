@@ -247,8 +247,10 @@ def run_session(job: SessionJob, send: Send) -> dict[str, Any]:
     from phiconvert import targets
     from phiconvert.targets import hf_common
 
-    opener = hf_common.open_runtime if job.target == "source" else targets.load(job.target).open
+    target = None if job.target == "source" else targets.load(job.target)
+    opener = target.open if target else hf_common.open_runtime
     runtime = timed_stage(send, "load", opener, Path(job.artifact), job.exact)
+    logits = target.logits if target else hf_common.logits
     send({"ready": {"context": runtime.context, "rss": peak_rss("VmRSS")}})
     requests: queue.Queue = queue.Queue()
 
@@ -263,7 +265,10 @@ def run_session(job: SessionJob, send: Send) -> dict[str, Any]:
         if request.get("cancel"):
             continue  # arrived after its generation had ended
         try:
-            answer(runtime, request, requests, send)
+            if "score" in request:
+                send({"scores": score(runtime, logits, Path(job.artifact), request["score"])})
+            else:
+                answer(runtime, request, requests, send)
         except PromptTooLong as error:
             send({"refused": str(error), "code": "context_length_exceeded"})
         except Exception as error:  # a chat the template rejects, ...: one line, and the runtime stays loaded
@@ -307,6 +312,36 @@ def answer(runtime: Any, request: dict[str, Any], requests: Any, send: Send) -> 
     if reason != "cancelled" and len(text) > shown:
         send({"piece": text[shown:], "token": -1})
     send({"end": {"finish_reason": reason, "prompt_tokens": len(ids), "completion_tokens": made}})
+
+
+def score(runtime: Any, logits: Any, artifact: Path, pairs: list[list[str]]) -> list[list[Any]]:
+    """(log-probability, greedy) of each continuation after its context, from the target's own prefill logits
+    (verification's exact mode; the model is loaded once for all the pairs, beside the runtime): what lm-eval's
+    loglikelihood requests need. Tokenised as lm-eval does: the continuation's ids are those the whole text has
+    past the context's; a sequence longer than the context keeps its end."""
+    import numpy as np
+
+    sequences, spans = [], []
+    for context, continuation in pairs:
+        whole, start = runtime.encode(context + continuation), len(runtime.encode(context))
+        if start >= len(whole):  # the continuation merged into the context's last token: score that token
+            start = len(whole) - 1
+        cut = max(0, len(whole) - runtime.context)
+        sequences.append(whole[cut:])
+        spans.append(max(1, start - cut))
+    found: dict[int, list[np.ndarray]] = {}
+    for index, _, chunk in logits(artifact, sequences):
+        if isinstance(index, int):  # a stock-runtime variant (a tuple index) is verification's business
+            found.setdefault(index, []).append(chunk)
+    results = []
+    for index, (ids, start) in enumerate(zip(sequences, spans, strict=True)):
+        rows = np.concatenate(found[index])[start - 1 : len(ids) - 1].astype(np.float64)
+        rows -= rows.max(axis=-1, keepdims=True)
+        logprobs = rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+        wanted = np.asarray(ids[start:])
+        total = float(logprobs[np.arange(len(wanted)), wanted].sum())
+        results.append([total, bool((logprobs.argmax(axis=-1) == wanted).all())])
+    return results
 
 
 class PromptTooLong(PhiconvertError):
