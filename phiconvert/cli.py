@@ -93,6 +93,10 @@ def convert_parser() -> argparse.ArgumentParser:
         default=True,
         help="all or a list: bench the source and every verified artifact (default); --no-bench: fidelity only",
     )
+    p.add_argument("--eval", dest="eval_tasks", type=lambda text: [t for t in text.split(",") if t],
+                   help="all or a list: also score the source and every verified artifact on these lm-eval tasks, "
+                   "comma-separated, as `phiconvert eval` does (bundled: pydoc_cloze, pydoc_next_word)")  # fmt: skip
+    p.add_argument("--eval-limit", type=int, help="with --eval: at most this many items per task")
     p.add_argument("--json", action="store_true", help="print the run's report as JSON on stdout")
     return p
 

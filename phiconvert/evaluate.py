@@ -114,13 +114,10 @@ def evaluate(
         raise PhiconvertError("give at least one artifact folder to evaluate")
     if limit is not None and limit < 1:
         raise PhiconvertError(f"--limit must be positive, not {limit}")
-    names = list(tasks or LOCAL_TASKS)
+    names = check_tasks(tasks)
     emit = progress or (lambda event: None)
     baseline = baseline or recorded_source(artifacts[0])
     manager = TaskManager(verbosity="ERROR")
-    unknown = [n for n in names if not (TASKS_DIR / f"{n}.yaml").is_file() and n not in manager.all_tasks]
-    if unknown:
-        raise PhiconvertError(f"unknown task '{unknown[0]}'; bundled: {', '.join(LOCAL_TASKS)}, or any lm-eval task")
     rows = []
     for item in [baseline, *artifacts]:
         emit({"stage": f"eval {Path(item).name}", "status": "start"})
@@ -141,6 +138,21 @@ def evaluate(
         (folder / "eval.json").write_text(json.dumps(report, indent=2))
         (folder / "eval.html").write_text(to_html(report))
     return report
+
+
+def check_tasks(tasks: list[str] | None) -> list[str]:
+    """The task names to run (the bundled ones when none are given), refusing one lm-eval does not know."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise PhiconvertError('phiconvert eval needs lm-eval: pip install "phiconvert[eval]"') from None
+    names = list(tasks or LOCAL_TASKS)
+    if any(not (TASKS_DIR / f"{n}.yaml").is_file() for n in names):
+        known = TaskManager(verbosity="ERROR").all_tasks
+        unknown = [n for n in names if not (TASKS_DIR / f"{n}.yaml").is_file() and n not in known]
+        if unknown:
+            raise PhiconvertError(f"unknown task '{unknown[0]}'; bundled: {', '.join(LOCAL_TASKS)}, or an lm-eval task")
+    return names
 
 
 def recorded_source(artifact: str) -> str:

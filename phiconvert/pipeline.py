@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from phiconvert import __version__, bench, hardware, preflight, report, source, targets, verify
+from phiconvert import __version__, bench, evaluate, hardware, preflight, report, source, targets, verify
 from phiconvert.calibration import samples as calibration_samples
 from phiconvert.errors import PhiconvertError
 from phiconvert.protocol import ReferenceJob, SourceChatJob, TargetJob
@@ -67,6 +67,8 @@ def convert(
     verify: str | bool = "full",  # full, quick (no window past the original context), none (True/False: full/none)
     plan_only: bool = False,  # only the pre-flight: what each stage needs, against this machine
     benchmark: bool = True,  # a comparison benches the source and every verified artifact (False: fidelity only)
+    eval_tasks: list[str] | None = None,  # a comparison also scores every verified artifact and the source on these
+    eval_limit: int | None = None,  # lm-eval tasks, at most this many items each (phiconvert.evaluate)
     progress: Progress | None = None,
     **options: Any,  # the targets' own options (group_size=64, ep="cuda", ...: see phiconvert.targets.options())
 ) -> dict[str, Any]:
@@ -89,6 +91,10 @@ def convert(
         target, precision = recommendation.target, precision or recommendation.precision
         auto = recommendation.reason
         emit({"stage": "auto", "status": "note", "message": f"--target auto: {auto}"})
+    if eval_tasks is not None and not several:
+        raise PhiconvertError("--eval applies to --target all or a list; score one artifact with `phiconvert eval`")
+    if eval_tasks is not None:
+        eval_tasks = evaluate.check_tasks(eval_tasks)  # before any work: an unknown task name costs nothing
     pairs = plan_all(target, precision, options) if several else [plan(target, precision, options)]
     src = source.resolve(model)
     samples = calibration_samples(calibration)
@@ -119,7 +125,9 @@ def convert(
         if reference:
             source_chat(staging, runs, temp, emit_with(emit, "source") if several else emit)
         if several:
-            return finish_comparison(src, staging, runs, prompts, target, precision, temp, destination, started, emit)
+            evaluation = (eval_tasks, eval_limit) if eval_tasks is not None else None
+            return finish_comparison(src, staging, runs, prompts, evaluation, target, precision, temp, destination,
+                                     started, emit)  # fmt: skip
         run = runs[0]
         run["report"] |= {"seconds": time.perf_counter() - started, "auto": auto}
         (run["folder"] / "phiconvert.json").write_text(json.dumps(run["report"], indent=2) + "\n")
@@ -387,6 +395,7 @@ def finish_comparison(
     staging: Path,
     runs: list[dict[str, Any]],
     prompts: list[list[int]] | None,
+    evaluation: tuple[list[str], int | None] | None,
     target: str,
     precision: str | None,
     temp: Path,
@@ -394,8 +403,9 @@ def finish_comparison(
     started: float,
     emit: Progress,
 ) -> dict[str, Any]:
-    """Bench the source and every verified artifact (unless ``prompts`` is None: not benchmarked), write
-    report.json and report.html, move it all into place."""
+    """Bench the source and every verified artifact (unless ``prompts`` is None: not benchmarked), score them on
+    lm-eval tasks (``evaluation``: task names and item limit), write report.json and report.html, move it all into
+    place."""
     out = temp / "out"
     out.mkdir()
     for run in runs:
@@ -419,6 +429,9 @@ def finish_comparison(
         except PhiconvertError as error:
             row["bench_error"] = str(error)
             emit({"stage": "bench", "status": "note", "message": f"✗ bench {kind}: {error}"})
+    scored = None
+    if evaluation is not None:
+        scored = score_all(staging, baseline, [r for r in runs if r["status"] == "passed"], out, evaluation, emit)
     comparison = {
         "phiconvert": __version__,
         "kind": "comparison",
@@ -438,6 +451,7 @@ def finish_comparison(
         },  # fmt: skip
         "baseline": baseline,
         "runs": runs,
+        **({"eval": scored} if scored is not None else {}),
         "failed": [f"{r['target']} {r['precision']}" for r in runs if r["status"] == "failed"],
         "seconds": time.perf_counter() - started,
     }
@@ -445,6 +459,29 @@ def finish_comparison(
     (out / "report.html").write_text(report.render_html(comparison))
     move_into_place(out, destination)
     return {**comparison, "output": str(destination)}
+
+
+def score_all(
+    staging: Path,
+    baseline: dict[str, Any],
+    passed: list[dict[str, Any]],
+    out: Path,
+    evaluation: tuple[list[str], int | None],
+    emit: Progress,
+) -> dict[str, Any]:
+    """lm-eval scores of the source and every verified artifact: each row gets its ``eval``; the comparison the
+    tasks, the limit and phiconvert eval's table (or the error that stopped it: the report is written anyway)."""
+    tasks, limit = evaluation
+    try:
+        found = evaluate.evaluate([str(out / r["artifact"]) for r in passed], tasks, limit, baseline=str(staging),
+                                  progress=emit)  # fmt: skip
+    except PhiconvertError as error:
+        emit({"stage": "eval", "status": "note", "message": f"✗ eval: {error}"})
+        return {"tasks": tasks, "limit": limit, "error": str(error)}
+    baseline["eval"] = found["baseline"]["scores"]
+    for row, scores in zip(passed, found["artifacts"], strict=True):
+        row["eval"] = scores["scores"]
+    return {"tasks": tasks, "limit": limit, "table": found["table"]}
 
 
 def move_into_place(artifact: Path, destination: Path) -> None:

@@ -53,8 +53,18 @@ def rows(comparison: dict[str, Any]) -> list[dict[str, Any]]:
             "kl": fidelity.get("worst_kl"),
             "ppl_pct": fidelity.get("ppl_pct"),
             "bound": fidelity.get("bound"),
+            "eval": {(task, metric): value[0] for task, metrics in (row.get("eval") or {}).items()
+                     for metric, value in metrics.items()},
+            "flagged": {(line["task"], line["metric"]) for line in (comparison.get("eval") or {}).get("table", [])
+                        if line["flagged"] and line["model"] == row.get("artifact")},
         })  # fmt: skip
     return out
+
+
+def eval_columns(comparison: dict[str, Any]) -> list[tuple[str, str]]:
+    """(task, metric) of every lm-eval score the run has (--eval), in the baseline's order."""
+    scores = comparison["baseline"].get("eval") or {}
+    return [(task, metric) for task, metrics in scores.items() for metric in metrics]
 
 
 def caveats(comparison: dict[str, Any]) -> list[tuple[str, str]]:
@@ -76,30 +86,33 @@ def _speed_length(comparison: dict[str, Any]) -> int:
     return lengths[len(lengths) // 2]
 
 
-def _headers(length: int) -> tuple[str, ...]:
+def _headers(length: int, scores: list[tuple[str, str]]) -> tuple[str, ...]:
     return ("artifact", "status", "theory MiB", "size MiB", "bits/w", "load s", "load RSS MiB",
-            f"prompt tok/s @{length}", f"gen tok/s @{length}", "top-1", "KL", "PPL Δ%")  # fmt: skip
+            f"prompt tok/s @{length}", f"gen tok/s @{length}", "top-1", "KL", "PPL Δ%",
+            *(f"{task} {metric}" for task, metric in scores))  # fmt: skip
 
 
-def _cells(r: dict[str, Any], length: int) -> list[str]:
-    """One artifact's row of the table, formatted: the same cells in the terminal and in the HTML page."""
+def _cells(r: dict[str, Any], length: int, scores: list[tuple[str, str]]) -> list[str]:
+    """One artifact's row of the table, formatted: the same cells in the terminal and in the HTML page (a task
+    score with * differs from the source's by more than twice its standard error)."""
     return [
         r["name"], r["status"], _fmt(r["theory_mib"], ".2f"), _fmt(r["size_mib"], ".2f"),
         _fmt(r["bits_per_weight"], ".2f"), _fmt(r["load_s"], ".2f"), _fmt(r["load_rss_mib"], ".0f"),
         _fmt(r["prompt_tps"].get(length), ".0f"), _fmt(r["generation_tps"].get(length), ".1f"),
         _fmt(r["top1"], ".3f"), _fmt(r["kl"], ".4f"), _fmt(r["ppl_pct"], "+.2f"),
+        *(_fmt(r["eval"].get(key), ".3f") + (" *" if key in r["flagged"] else "") for key in scores),
     ]  # fmt: skip
 
 
 def table(comparison: dict[str, Any]) -> Table:
     """The terminal table: one row per artifact, speed at the middle prompt length."""
-    length = _speed_length(comparison)
+    length, scores = _speed_length(comparison), eval_columns(comparison)
     result = Table(title=f"{comparison['source']['model']} → {comparison.get('output', '')}")
-    for header in _headers(length):
+    for header in _headers(length, scores):
         result.add_column(header, justify="left" if header in ("artifact", "status") else "right")
     colour = {"passed": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[yellow]skipped[/]"}
     for r in rows(comparison):
-        name, status, *numbers = _cells(r, length)
+        name, status, *numbers = _cells(r, length, scores)
         result.add_row(name, colour[status], *numbers)
     return result
 
@@ -154,14 +167,14 @@ def _plot(records: list[dict[str, Any]], key: str | tuple[str, ...], title: str,
 
 def render_html(comparison: dict[str, Any]) -> str:
     """A self-contained page: the machine, the table, one plot per measure, and each failure's reason."""
-    records, length = rows(comparison), _speed_length(comparison)
+    records, length, scores = rows(comparison), _speed_length(comparison), eval_columns(comparison)
     shown = [r for r in records if r["status"] == "passed"]
     e = html.escape
     machine = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in comparison["machine"].items())
-    head = "".join(f"<th>{e(h)}</th>" for h in _headers(length))
+    head = "".join(f"<th>{e(h)}</th>" for h in _headers(length, scores))
     body = ""
     for r in records:
-        cells = _cells(r, length)
+        cells = _cells(r, length, scores)
         body += f"<tr class='{r['status']}'>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>"
         if r["error"]:
             body += f"<tr class='why'><td colspan='{len(cells)}'>{e(r['error'])}</td></tr>"

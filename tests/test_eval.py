@@ -47,3 +47,32 @@ def test_eval_errors_are_one_line(target_all, tmp_path):
         result = run_cli("eval", *args, cwd=tmp_path)
         assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_eval_of_a_comparison_is_refused_before_any_work(tmp_path):
+    for args, expected in [
+        (("--target", "gguf", "--eval", "pydoc_cloze"), "error: --eval applies to --target all or a list"),
+        (("--target", "gguf,mlx", "--eval", "no_such_task"), "error: unknown task 'no_such_task'"),
+    ]:
+        result = run_cli(*args, "--output", "out", cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_eval_scores_become_report_columns_flagged_beyond_noise(target_all):
+    """The report of `--target LIST --eval TASKS`: a column per task and metric, * where phiconvert eval flags it
+    (the scores are set here; the run that makes them is phiconvert eval's, tested above)."""
+    from phiconvert import report
+
+    _, comparison = target_all
+    comparison = json.loads(json.dumps(comparison))
+    comparison["baseline"]["eval"] = {"pydoc_cloze": {"acc": [0.75, 0.07]}}
+    first, second = [r for r in comparison["runs"] if r["status"] == "passed"][:2]
+    first["eval"], second["eval"] = {"pydoc_cloze": {"acc": [0.74, 0.07]}}, {"pydoc_cloze": {"acc": [0.25, 0.07]}}
+    comparison["eval"] = {"tasks": ["pydoc_cloze"], "limit": 40, "table": [
+        {"task": "pydoc_cloze", "metric": "acc", "model": first["artifact"], "flagged": False},
+        {"task": "pydoc_cloze", "metric": "acc", "model": second["artifact"], "flagged": True}]}  # fmt: skip
+    cells = {r["name"]: r for r in report.rows(comparison)}
+    assert cells[f"{first['target']} {first['precision']}"]["eval"] == {("pydoc_cloze", "acc"): 0.74}
+    page = report.render_html(comparison)
+    assert "<th>pydoc_cloze acc</th>" in page and "<td>0.250 *</td>" in page and "<td>0.740</td>" in page
