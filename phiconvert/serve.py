@@ -20,7 +20,7 @@ from typing import Any
 
 from phiconvert.errors import PhiconvertError
 from phiconvert.protocol import Event
-from phiconvert.session import PromptRefused, Session, check_sampling
+from phiconvert.session import BadSetting, PromptRefused, Session, check_sampling
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_TOKENS = 1024  # the largest max_tokens a request may ask for (--max-tokens-limit)
@@ -100,8 +100,8 @@ def app(session: Session, model: str, api_key: str | None = None, max_tokens: in
                   "seed": body.get("seed")}  # fmt: skip
         try:
             check_sampling(**chosen)
-        except PhiconvertError as error:
-            raise Refused(400, str(error), str(error).split()[0]) from None
+        except BadSetting as error:
+            raise Refused(400, str(error), error.param) from None
         if limit > max_tokens:
             raise Refused(400, f"max_tokens must be at most {max_tokens} on this server", "max_tokens")
         if not isinstance(body.get("stream", False), bool):
@@ -246,11 +246,16 @@ def app(session: Session, model: str, api_key: str | None = None, max_tokens: in
                              "context_length": session.context}]})  # fmt: skip
 
     async def health(request: Request) -> Any:
+        if not session.alive:  # the runtime's worker has ended (a native crash, killed): nothing can be answered
+            return JSONResponse({"status": "down", "model": model, "target": session.target}, status_code=503)
         return JSONResponse({"status": "ok", "model": model, "target": session.target, "busy": turn.locked(),
                              "rss_bytes": session.rss})  # fmt: skip
 
     async def http_error(request: Request, error: HTTPException) -> Any:
         return refuse(error.status_code, f"{request.method} {request.url.path}: {error.detail}")
+
+    async def runtime_error(request: Request, error: Exception) -> Any:  # the worker failed under a request
+        return refuse(500, str(error) if isinstance(error, PhiconvertError) else type(error).__name__)
 
     routes = [
         Route("/health", health),
@@ -258,7 +263,7 @@ def app(session: Session, model: str, api_key: str | None = None, max_tokens: in
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", text_completions, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: runtime_error})
 
 
 def serve(

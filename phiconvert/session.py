@@ -28,6 +28,14 @@ from phiconvert.workers import PACKAGE_ROOT, Progress, keep_log, quiet, worker_p
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range
 
 
+class BadSetting(PhiconvertError):
+    """A generation setting out of range (``param``: its name, as the OpenAI API calls it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def check_sampling(max_tokens: Any, temperature: Any, top_p: Any, seed: Any) -> None:
     """Refuse generation settings no runtime can take, in one line naming the setting."""
 
@@ -35,13 +43,14 @@ def check_sampling(max_tokens: Any, temperature: Any, top_p: Any, seed: Any) -> 
         return isinstance(value, kind) and not isinstance(value, bool)
 
     if not number(max_tokens, int) or max_tokens < 1:
-        raise PhiconvertError(f"max_tokens must be a positive integer, not {max_tokens!r}")
+        raise BadSetting("max_tokens", f"max_tokens must be a positive integer, not {max_tokens!r}")
     if not number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
-        raise PhiconvertError(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, not {temperature!r}")
+        limit = f"{MAX_TEMPERATURE:g}"
+        raise BadSetting("temperature", f"temperature must be a number from 0 to {limit}, not {temperature!r}")
     if not number(top_p) or not 0 < top_p <= 1:
-        raise PhiconvertError(f"top_p must be a number above 0 and at most 1, not {top_p!r}")
+        raise BadSetting("top_p", f"top_p must be a number above 0 and at most 1, not {top_p!r}")
     if seed is not None and (not number(seed, int) or seed < 0):
-        raise PhiconvertError(f"seed must be a non-negative integer, not {seed!r}")
+        raise BadSetting("seed", f"seed must be a non-negative integer, not {seed!r}")
 
 
 class PromptRefused(PhiconvertError):
@@ -83,6 +92,10 @@ class Session:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def generate(
         self,

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import httpx
 import openai
+import psutil
 import pytest
 from conftest import ROOT, converted_by_all, run_cli
 
@@ -145,6 +146,15 @@ def test_server_refuses_malformed_requests_queues_clients_and_survives_a_dropped
         start = time.time()
         assert api.chat.completions.create(**chat).choices[0].message.content == greedy
         assert time.time() - start < 30 and not http.get("/health").json()["busy"]
+
+        (runtime,) = psutil.Process(process.pid).children()  # the session's worker: a native crash, simulated
+        runtime.kill()
+        deadline = time.time() + 30
+        while http.get("/health").status_code != 503:  # the server reaps it and says so
+            assert time.time() < deadline
+            time.sleep(0.2)
+        failed = http.post("/v1/chat/completions", json=chat)
+        assert failed.status_code == 500 and "runtime ended unexpectedly" in failed.json()["error"]["message"]
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
