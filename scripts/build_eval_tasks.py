@@ -13,6 +13,7 @@ that text), so they measure what a model learned about Python's reference prose,
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -28,7 +29,7 @@ def prose_lines(text: str) -> list[tuple[str, str]]:
     """(previous line, line) pairs of prose: at least 8 words, starting with a letter, not code or a rule."""
     lines = [line.strip() for line in text.splitlines()]
     pairs = []
-    for previous, line in zip(lines, lines[1:]):
+    for previous, line in itertools.pairwise(lines):
         words = line.split()
         if len(words) >= 8 and re.match(r"[A-Za-z]", line) and "::=" not in line and not line.startswith(">>>"):
             pairs.append((previous, line))
