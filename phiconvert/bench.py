@@ -25,7 +25,7 @@ from phiconvert import source, targets
 from phiconvert.errors import PhiconvertError
 from phiconvert.protocol import BenchJob
 from phiconvert.source import HELDOUT
-from phiconvert.workers import Progress, emit_with, run_worker, worker_python
+from phiconvert.workers import Progress, emit_with, quiet, run_worker, worker_python
 
 PROMPT_LENGTHS = (16, 128, 512)
 NEW_TOKENS = 32
@@ -137,7 +137,7 @@ def serving(
     (what a client waits, its turn in the queue included), tokens per second over all clients."""
     if not artifacts or not clients or min(clients) < 1 or requests < 1 or new_tokens < 1:
         raise PhiconvertError("bench --serve needs artifacts, positive --clients, --requests and --new-tokens")
-    emit = progress or (lambda event: None)
+    emit = progress or quiet
     results = []
     for item in artifacts:
         with served(item, new_tokens) as (base, health):

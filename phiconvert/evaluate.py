@@ -20,7 +20,7 @@ from typing import Any
 
 from phiconvert.errors import PhiconvertError
 from phiconvert.session import Session
-from phiconvert.workers import Progress
+from phiconvert.workers import Progress, quiet
 
 TASKS_DIR = Path(__file__).resolve().parent / "evals"
 LOCAL_TASKS = ("pydoc_cloze", "pydoc_next_word")
@@ -115,7 +115,7 @@ def evaluate(
     if limit is not None and limit < 1:
         raise PhiconvertError(f"--limit must be positive, not {limit}")
     names = check_tasks(tasks)
-    emit = progress or (lambda event: None)
+    emit = progress or quiet
     baseline = baseline or recorded_source(artifacts[0])
     manager = TaskManager(verbosity="ERROR")
     rows = []

@@ -9,7 +9,6 @@ session with one clear error instead of taking the server down with it. Requests
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from phiconvert import targets
 from phiconvert.bench import SOURCE, identify
 from phiconvert.errors import PhiconvertError
 from phiconvert.protocol import Event, SessionJob, write_job
-from phiconvert.workers import PACKAGE_ROOT, Progress, keep_log, quiet, worker_python
+from phiconvert.workers import Progress, keep_log, quiet, worker_env, worker_python
 
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range
 
@@ -74,10 +73,10 @@ class Session:
         self.work = Path(tempfile.mkdtemp(prefix="phiconvert-session-"))
         job_file, self.log = self.work / "session.job.json", self.work / "session.log"
         write_job(SessionJob(target=self.target, artifact=str(self.path), exact=exact), job_file)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
         with self.log.open("w") as log:
-            self.process = subprocess.Popen([python, "-m", "phiconvert.worker", str(job_file)], stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)  # fmt: skip
+            command = [python, "-m", "phiconvert.worker", str(job_file)]
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                            text=True, env=worker_env())  # fmt: skip
         self.lock = threading.Lock()  # generate() holds it: a second caller waits for the first reply to end
         try:
             ready = self._next(progress or quiet)

@@ -50,18 +50,27 @@ def worker_python(adapter: targets.Target) -> str:
     raise PhiconvertError(f"target '{adapter.name}' needs: {hint} (missing: {', '.join(missing)})")
 
 
+def worker_env() -> dict[str, str]:
+    """The environment of a worker process: this one, with phiconvert importable (a managed environment's
+    interpreter does not have it installed)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def run_worker(python: str, job: Job, work: Path, label: str, emit: Progress) -> dict[str, Any]:
     """Run one worker process to completion, relaying its events; return its final result event with the stages
     it timed. A failed worker's log is kept: its path is in the error."""
     job_file = work / f"{label}.job.json"
     log_file = work / f"{label}.log"
     write_job(job, job_file)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
     final: dict[str, Any] = {}
     stages: list[dict[str, Any]] = []
     with log_file.open("w") as log:
         process = subprocess.Popen(
-            [python, "-m", "phiconvert.worker", str(job_file)], stdout=subprocess.PIPE, stderr=log, text=True, env=env
+            [python, "-m", "phiconvert.worker", str(job_file)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=worker_env(),
         )
         try:
             for line in process.stdout:
