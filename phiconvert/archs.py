@@ -23,9 +23,13 @@ class Profile:
     # rows of q_proj and k_proj per head (convert_hf_to_gguf's LlamaModel.permute); NEOX-rope graphs take them as is
     permute_qk: bool = False
     rope_types: tuple[str, ...] = ("default",)  # rope_scaling types every converter carries over
+    # Gemma's RMSNorm multiplies by (1 + w) where llama.cpp's graph multiplies by w: its converter writes w + 1
+    norm_shift: float = 0.0
     unsupported: dict[str, str] = field(default_factory=dict)  # target -> why its toolchain cannot take it
     fixtures: tuple[str, ...] = ()  # bundled checkpoints every supported target is verified on (tests, CI)
 
+
+OV_GEMMA = "optimum-intel 2.2 exports Gemma only with transformers <= 5.0 (its GemmaOpenVINOConfig's limit)"
 
 PROFILES = {
     p.architecture: p
@@ -48,12 +52,30 @@ PROFILES = {
         Profile("MistralForCausalLM", "Mistral-7B", "LLAMA", permute_qk=True),
         Profile("Qwen2ForCausalLM", "Qwen2, Qwen2.5", "QWEN2", fixtures=("tiny-qwen",)),
         Profile("Qwen3ForCausalLM", "Qwen3", "QWEN3"),
+        Profile(
+            "Gemma2ForCausalLM",
+            "Gemma-2",
+            "GEMMA2",
+            norm_shift=1.0,
+            unsupported={
+                "openvino": OV_GEMMA,
+                "mlx": "mlx-lm 0.31's gemma2 ignores the sliding window: past it, every other layer attends to "
+                "tokens the model never sees",
+            },
+        ),
+        Profile(
+            "Gemma3ForCausalLM",
+            "Gemma-3 (text)",
+            "GEMMA3",
+            rope_types=("default", "linear"),
+            norm_shift=1.0,
+            unsupported={
+                "openvino": OV_GEMMA,
+                "ort-genai": "onnxruntime-genai 0.18's builder reads rope_parameters['rope_type'], which "
+                "transformers 5 nests per layer type for Gemma-3",
+            },
+        ),
     )
-}
-# Architectures asked for and not yet profiled, with what stands in the way.
-PLANNED = {
-    "Gemma2ForCausalLM": "logit softcapping and scaled embeddings are not yet carried by every converter",
-    "Gemma3ForCausalLM": "logit softcapping and scaled embeddings are not yet carried by every converter",
 }
 
 
@@ -66,9 +88,8 @@ def profile(config: dict[str, Any], model: str = "the model") -> Profile:
     """The profile of a (hub-layout) config, or a one-line refusal naming what is supported."""
     name = architecture_of(config)
     if name not in PROFILES:
-        why = f" ({PLANNED[name]})" if name in PLANNED else ""
         raise PhiconvertError(
-            f"'{model}' is {name}{why}; supported: {', '.join(f'{p} ({v.models})' for p, v in PROFILES.items())}"
+            f"'{model}' is {name}; supported: {', '.join(f'{p} ({v.models})' for p, v in PROFILES.items())}"
         )
     found = PROFILES[name]
     scaling = config.get("rope_scaling") or {}
@@ -81,11 +102,12 @@ def profile(config: dict[str, Any], model: str = "the model") -> Profile:
     return found
 
 
-def check_target(config: dict[str, Any], target: str) -> None:
-    """Refuse a target whose toolchain cannot take this architecture, before any work."""
+def refusal(config: dict[str, Any], target: str) -> str | None:
+    """Why ``target``'s toolchain cannot take this architecture (None: it can), said before any work."""
     found = profile(config)
     if target in found.unsupported:
-        raise PhiconvertError(f"--target {target} cannot convert {found.architecture}: {found.unsupported[target]}")
+        return f"--target {target} cannot convert {found.architecture}: {found.unsupported[target]}"
+    return None
 
 
 def support_table(targets: list[str]) -> str:
@@ -97,6 +119,4 @@ def support_table(targets: list[str]) -> str:
         cells = ["no" if t in found.unsupported else works for t in targets]
         verified = ", ".join(f"`{f}`" for f in found.fixtures) or "no bundled fixture yet"
         lines.append(f"| `{found.architecture}` | {found.models} | {' | '.join(cells)} | {verified} |")
-    for name, why in PLANNED.items():
-        lines.append(f"| `{name}` | planned: {why} | {' | '.join('no' for _ in targets)} | |")
     return "\n".join(lines) + "\n"

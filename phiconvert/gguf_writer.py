@@ -77,6 +77,7 @@ class Planned:
     source: weights.Tensor | None = None
     array: np.ndarray | None = None
     permute: int = 0  # heads whose q/k rows are reordered for llama.cpp's rope (0: written as they are)
+    shift: float = 0.0  # added to every value (Gemma's norms: the profile's norm_shift)
 
 
 def write_gguf(source: Path, path: Path, dtype: str = "f16") -> dict[str, Any]:
@@ -85,7 +86,7 @@ def write_gguf(source: Path, path: Path, dtype: str = "f16") -> dict[str, Any]:
     profile = archs.profile(config)
     arch = getattr(gguf.MODEL_ARCH, profile.gguf_arch)
     qtype, ftype = DTYPES[dtype]
-    plan = _plan_tensors(config, weights.index(source), qtype, arch, profile.permute_qk)
+    plan = _plan_tensors(config, weights.index(source), qtype, arch, profile)
     n_vocab = next(p.shape[0] for p in plan if p.name == "token_embd.weight")
 
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
@@ -100,7 +101,7 @@ def write_gguf(source: Path, path: Path, dtype: str = "f16") -> dict[str, Any]:
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for p in progress.track(plan, unit="tensors", what="write GGUF"):
-        data = p.array if p.array is not None else _convert(p.source, p.qtype)
+        data = p.array if p.array is not None else _convert(p.source, p.qtype, p.shift)
         writer.write_tensor_data(_permute(data, p.permute) if p.permute else data)
     writer.close()
     return {"tensors": len(plan), "file_type": ftype.name, "architecture": gguf.MODEL_ARCH_NAMES[arch], **details}
@@ -111,7 +112,7 @@ def _plan_tensors(
     tensors: dict[str, weights.Tensor],
     qtype: gguf.GGMLQuantizationType,
     arch: gguf.MODEL_ARCH,
-    permute_qk: bool,
+    profile: archs.Profile,
 ) -> list[Planned]:
     """GGUF names and types: 2-D weights in the output dtype, norms and rope factors in F32 (as llama.cpp expects)."""
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
@@ -126,8 +127,9 @@ def _plan_tensors(
             raise PhiconvertError(f"unexpected tensor {hf_name!r} for GGUF architecture {gguf.MODEL_ARCH_NAMES[arch]}")
         kind = qtype if len(tensor.shape) > 1 else gguf.GGMLQuantizationType.F32
         projection = hf_name.rsplit(".", 2)[-2]
-        permute = heads.get(projection, 0) if permute_qk else 0
-        plan.append(Planned(name, kind, tensor.shape, tensor, permute=permute))
+        permute = heads.get(projection, 0) if profile.permute_qk else 0
+        shift = profile.norm_shift if hf_name.endswith("norm.weight") else 0.0
+        plan.append(Planned(name, kind, tensor.shape, tensor, permute=permute, shift=shift))
     return plan
 
 
@@ -196,14 +198,29 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> dict[str, A
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
     if isinstance(config.get("sliding_window"), int) and config.get("use_sliding_window", True):
         writer.add_sliding_window(config["sliding_window"])
+        if "sliding_attention" in config.get("layer_types", ()):  # which layers slide (Gemma), not a fixed pattern
+            writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config["layer_types"]])
+    if config.get("rope_local_base_freq"):  # the sliding layers' own rope base (Gemma-3)
+        writer.add_rope_freq_base_swa(config["rope_local_base_freq"])
+    for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                     ("final_logit_softcapping", writer.add_final_logit_softcapping)):  # fmt: skip
+        if config.get(key):
+            add(config[key])
+    _check_attention_scale(config, head_dim)
     details: dict[str, Any] = {"rope_dimension_count": rope_dim, "rope_scaling": None}
     scaling = config.get("rope_scaling")
     kind = scaling.get("type", scaling.get("rope_type")) if scaling else None
     if kind == "llama3":
         details["rope_scaling"] = {"type": "llama3", "factor": scaling["factor"], "as": "rope_freqs.weight"}
+    elif kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        details["rope_scaling"] = {"type": "linear", "factor": scaling["factor"]}
     elif kind:
         if kind not in ("longrope", "su"):
-            raise PhiconvertError(f"rope_scaling type {kind!r} is not supported for GGUF (longrope and llama3 are)")
+            raise PhiconvertError(
+                f"rope_scaling type {kind!r} is not supported for GGUF (longrope, llama3 and linear are)"
+            )
         original = config.get("original_max_position_embeddings") or scaling["original_max_position_embeddings"]
         attn_factor = _longrope_attention_factor(scaling, config["max_position_embeddings"], original)
         writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
@@ -211,6 +228,19 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> dict[str, A
         writer.add_rope_scaling_attn_factors(attn_factor)
         details["rope_scaling"] = {"type": "longrope", "original_context": original, "attn_factor": attn_factor}
     return details
+
+
+def _check_attention_scale(config: dict[str, Any], head_dim: int) -> None:
+    """llama.cpp's Gemma graphs take no attention-scale key: they scale by 1/sqrt(head_dim), or by
+    1/sqrt(hidden/heads) for the 27B shapes it recognises by layer count. Refuse a ``query_pre_attn_scalar`` that is
+    neither, rather than write a file whose attention is silently mis-scaled."""
+    scalar = config.get("query_pre_attn_scalar")
+    per_head = config["hidden_size"] // config["num_attention_heads"]
+    if scalar is not None and scalar not in (head_dim, per_head):
+        raise PhiconvertError(
+            f"query_pre_attn_scalar {scalar} is neither head_dim ({head_dim}) nor hidden_size/heads ({per_head}): "
+            "llama.cpp would scale this model's attention differently"
+        )
 
 
 def _longrope_attention_factor(scaling: dict[str, Any], max_positions: int, original: int) -> float:
@@ -366,12 +396,15 @@ def _adds_special_tokens(tok: Any) -> tuple[bool, bool]:
     return add_bos, add_eos
 
 
-def _convert(tensor: weights.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """Read one source tensor in chunks and convert it into the GGUF storage dtype."""
+def _convert(tensor: weights.Tensor, qtype: gguf.GGMLQuantizationType, shift: float = 0.0) -> np.ndarray:
+    """Read one source tensor in chunks and convert it into the GGUF storage dtype (plus ``shift``: 1-D F32 norms
+    only, added after the upcast so that no precision is lost)."""
     out = np.empty(tensor.size, dtype=STORAGE[qtype])
     for start in range(0, tensor.size, CHUNK):
         raw = weights.read(tensor, start, min(CHUNK, tensor.size - start))
         out[start : start + raw.size] = _cast(raw, tensor.dtype, qtype)
+    if shift:
+        out += np.float32(shift)
     return out.reshape(tensor.shape)
 
 

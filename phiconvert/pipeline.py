@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from phiconvert import __version__, bench, evaluate, hardware, preflight, report, source, targets, verify
+from phiconvert import __version__, archs, bench, evaluate, hardware, preflight, report, source, targets, verify
 from phiconvert.calibration import samples as calibration_samples
 from phiconvert.errors import PhiconvertError
 from phiconvert.protocol import ReferenceJob, SourceChatJob, TargetJob
@@ -99,6 +99,10 @@ def convert(
     src = source.resolve(model)
     samples = calibration_samples(calibration)
     config = source.normalise_config(src.config)
+    pairs = [replace(p, skipped=p.skipped or archs.refusal(config, p.target)) for p in pairs]
+    unfit = next((p.skipped for p in pairs if p.skipped), None)
+    if unfit and not target.startswith("all"):
+        raise PhiconvertError(unfit)
     windows, skipped_windows = verify_windows(config, mode)
     needs = preflight.check(src, [p for p in pairs if not p.skipped], windows, emit, output, MAX_NEW_TOKENS)
     if plan_only:

@@ -178,7 +178,9 @@ def greedy_reply(
     each draft's tokens in one pass where it agrees; with no draft, one token per pass."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    # full layers for every layer type: a sliding-window layer cannot be cropped back once past its window, and
+    # the masks (built from the config, not the cache) keep sliding layers to their window anyway
+    cache = DynamicCache()
     reply: list[int] = []
     pending = list(prompt)  # ids not yet in the cache: the prompt, then the last token chosen
     while len(reply) < max_new and not (reply and reply[-1] in stop):

@@ -140,6 +140,10 @@ def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
     """The hub (transformers-4) layout of ``config``: top-level rope keys and ``rope_scaling`` with ``"type"``."""
     out = {k: v for k, v in config.items() if k != "rope_parameters"}
     rope = dict(config.get("rope_parameters") or {})
+    if "full_attention" in rope:  # per layer type (Gemma-3): the hub keeps the sliding layers' theta apart
+        if "sliding_attention" in rope:
+            out["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = dict(rope["full_attention"])
     for key in TOP_LEVEL_ROPE_KEYS:
         if key in rope:
             out[key] = rope.pop(key)
@@ -153,6 +157,11 @@ def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
         scaling = dict(scaling)
         scaling["type"] = scaling.pop("rope_type", None) or scaling["type"]
         out["rope_scaling"] = scaling
+    kinds = config.get("layer_types") or []
+    if "full_attention" in kinds and "sliding_attention" in kinds and "sliding_window_pattern" not in out:
+        period = kinds.index("full_attention") + 1  # the hub's Gemma-3 key: every period-th layer attends fully
+        if all((kind == "full_attention") == ((i + 1) % period == 0) for i, kind in enumerate(kinds)):
+            out["sliding_window_pattern"] = period
     if "dtype" in out and "torch_dtype" not in out:
         out["torch_dtype"] = out["dtype"]
     return out

@@ -107,7 +107,7 @@ def test_an_equivalent_regex_written_differently_is_still_recognised():
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"architectures": ["Gemma2ForCausalLM"]}, "Gemma2ForCausalLM (logit softcapping"),
+        ({"architectures": ["Gemma4ForCausalLM"]}, "Gemma4ForCausalLM; supported: "),
         ({"architectures": ["BertForMaskedLM"]}, "supported: Phi3ForCausalLM"),
         ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
     ],

@@ -210,7 +210,7 @@ def _use_rope_factor(model: Any, length: int) -> None:
     from mlx_lm.models.rope_utils import SuScaledRoPE
 
     args = model.args
-    if not args.rope_scaling or args.rope_scaling["type"] not in ("longrope", "su"):
+    if not _longrope(args):
         return
     which = "short_factor" if length <= args.original_max_position_embeddings else "long_factor"
     for layer in model.layers:
@@ -276,11 +276,16 @@ def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
         _use_rope_factor(model, len(ids))
         yield index, 0, np.array(model(mx.array([ids]))[0].astype(mx.float32))
     args = model.args
-    if args.rope_scaling and args.rope_scaling["type"] in ("longrope", "su"):
+    if _longrope(args):
         _use_rope_factor(model, args.original_max_position_embeddings + 1)  # the long factor, as mlx-lm loads it
         for index, ids in enumerate(sequences):
             if len(ids) <= args.original_max_position_embeddings:
                 yield ("stock", index), 0, np.array(model(mx.array([ids]))[0].astype(mx.float32))
+
+
+def _longrope(args: Any) -> bool:
+    scaling = getattr(args, "rope_scaling", None)  # some architectures' ModelArgs have no rope scaling at all
+    return bool(scaling) and scaling["type"] in ("longrope", "su")
 
 
 TARGET = Target(
