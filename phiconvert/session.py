@@ -9,6 +9,7 @@ session with one clear error instead of taking the server down with it. Requests
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -86,7 +87,19 @@ class Session:
             self.close()
             raise
         self.context: int = ready["ready"]["context"]
-        self.rss: int = ready["ready"]["rss"]  # the worker's resident memory with the model loaded
+        self.loaded_rss: int = ready["ready"]["rss"]  # the worker's resident memory once the model was loaded
+
+    @property
+    def rss(self) -> int:
+        """The worker's resident memory now: runtimes that map their weights (OpenVINO, llama.cpp) read them in
+        only as they are used, so after a reply it is more than at loading. Read from /proc (Linux); elsewhere, the
+        memory at loading."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return self.loaded_rss
+        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        return int(found.group(1)) * 1024 if found else self.loaded_rss
 
     @property
     def name(self) -> str:
