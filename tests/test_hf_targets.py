@@ -239,6 +239,7 @@ def test_convert_end_to_end(target_all, target, precision):
         ("gptq", "int4", {}),
         ("gptq", "int4", {"desc_act": True, "sym": False, "group_size": 64}),
         ("gptq", "int8", {}),
+        ("gptq", "int4", {"method": "autoround", "iters": 10}),
         ("awq", "int4", {}),
     ],
 )
@@ -264,6 +265,22 @@ def test_convert_through_the_managed_environment(target_all, tmp_path, target, p
         assert bool(report["caveats"]) == bool(skipped) and (not skipped or str(len(skipped)) in report["caveats"][0])
     if target == "gptq":
         assert config["desc_act"] == bool(options.get("desc_act")) and config["sym"] == options.get("sym", True)
+        assert report["details"]["method"].startswith(options.get("method", "gptq"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"iters": 10}, "--iters applies to --method autoround"),
+        ({"method": "autoround", "desc_act": True}, "--desc-act applies to --method gptq"),
+        ({"method": "autoround", "nsamples": 0}, "--nsamples must be at least 1"),
+        ({"method": "signround"}, "--method for gptq must be one of gptq, autoround"),
+    ],
+)
+def test_autoround_options_are_refused_before_any_work(tmp_path, options, message):
+    with pytest.raises(PhiconvertError, match=message):
+        phiconvert.convert(target="gptq", output=tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -9,10 +9,8 @@ transformers loads AWQ through gptqmodel, like GPTQ, so this target shares the m
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import shutil
 from typing import Any
 
 from phiconvert.errors import PhiconvertError
@@ -41,8 +39,6 @@ def check(precision: str, options: dict[str, Any]) -> None:
 
 def export(job: ExportJob) -> dict[str, Any]:
     device = hf_common.resolve_device(job.options.get("device"))  # first: it sets up MPS before torch starts
-    import torch
-    from auto_round import AutoRound
     from auto_round.algorithms.transforms.awq.config import AWQConfig
     from transformers import AutoTokenizer
 
@@ -50,30 +46,10 @@ def export(job: ExportJob) -> dict[str, Any]:
     chosen = settings(job.options, inputs)
     tokenizer = AutoTokenizer.from_pretrained(job.source)
     chunks = hf_common.calibration_chunks(tokenizer, job.calibration, SEQUENCE_LENGTH, MAX_SAMPLES)
-    # token tensors, not strings: AutoRound silently drops text samples shorter than its sequence length
-    rounder = AutoRound(
-        str(job.source),
-        tokenizer=tokenizer,
-        scheme="W4A16",
-        alg_configs=AWQConfig(apply_clip=True),
-        bits=4,
-        group_size=chosen["group_size"],
-        sym=chosen["sym"],
-        dataset=[torch.tensor([ids]) for ids in chunks],
-        nsamples=len(chunks),
-        seqlen=len(chunks[0]),
-        device_map=device,
-        enable_torch_compile=False,
-    )
-    built = job.work / "awq"
     with _Skipped() as skipped:
-        rounder.quantize_and_save(str(built), format="auto_awq")
-    folder = next(p.parent for p in sorted(built.rglob("config.json")))  # AutoRound writes into a subfolder
-    for item in folder.iterdir():
-        shutil.move(str(item), job.output / item.name)
-    hf_common.hub_layout_config(job.output)
-    hf_common.copy_support_files(job.source, job.output)
-    config = json.loads((job.output / "config.json").read_text())["quantization_config"]
+        config = hf_common.autoround(job, tokenizer, chunks, "auto_awq", scheme="W4A16",
+                                     alg_configs=AWQConfig(apply_clip=True), bits=4, group_size=chosen["group_size"],
+                                     sym=chosen["sym"], device_map=device)  # fmt: skip
     if config.get("quant_method") != "awq":
         raise PhiconvertError(f"AutoRound wrote a '{config.get('quant_method')}' checkpoint, not AWQ")
     not_converted = config.get("modules_to_not_convert") or []

@@ -95,6 +95,26 @@ def hub_layout_config(output: Path) -> None:
     path.write_text(json.dumps(normalise_config(json.loads(path.read_text())), indent=2, sort_keys=True) + "\n")
 
 
+def autoround(job: Any, tokenizer: Any, chunks: list[list[int]], fmt: str, **settings: Any) -> dict[str, Any]:
+    """Quantize ``job.source`` with AutoRound (``settings``: its keywords) and write the checkpoint in ``fmt``
+    into ``job.output`` in the hub layout; returns its quantization_config."""
+    import torch
+    from auto_round import AutoRound
+
+    # token tensors, not strings: AutoRound silently drops text samples shorter than its sequence length
+    dataset = [torch.tensor([ids]) for ids in chunks]
+    rounder = AutoRound(str(job.source), tokenizer=tokenizer, dataset=dataset, nsamples=len(chunks),
+                        seqlen=len(chunks[0]), enable_torch_compile=False, **settings)  # fmt: skip
+    built = job.work / fmt
+    rounder.quantize_and_save(str(built), format=fmt)
+    folder = next(p.parent for p in sorted(built.rglob("config.json")))  # AutoRound writes into a subfolder
+    for item in folder.iterdir():
+        shutil.move(str(item), job.output / item.name)
+    hub_layout_config(job.output)
+    copy_support_files(job.source, job.output)
+    return json.loads((job.output / "config.json").read_text())["quantization_config"]
+
+
 def calibration_chunks(tokenizer: Any, texts: list[str], length: int, count: int) -> list[list[int]]:
     """Up to ``count`` token sequences of ``length`` tokens cut from the joined calibration text.
 
