@@ -119,7 +119,7 @@ TARGET = Target(
     name="gptq",
     extra="gptq",
     modules=("gptqmodel", "optimum"),
-    packages=("gptqmodel", "optimum", "transformers", "torch"),
+    packages=("gptqmodel", "auto-round", "optimum", "transformers", "torch"),
     precisions={
         "int4": Precision(
             "GPTQ 4-bit, symmetric, group 128 by default (--group-size 32/64/128, --asym, --desc-act)",
