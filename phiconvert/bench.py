@@ -130,17 +130,19 @@ def serving(
     clients: tuple[int, ...] | list[int] = CLIENTS,
     requests: int = SERVE_REQUESTS,
     new_tokens: int = NEW_TOKENS,
+    engine: str = "phiconvert",
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """`phiconvert serve` each artifact on a loopback port, then ``requests`` streamed chat requests of
     ``new_tokens`` tokens from 1, 4 and 16 concurrent clients: requests per second, time to the first token
-    (what a client waits, its turn in the queue included), tokens per second over all clients."""
+    (what a client waits, its turn in the queue included), tokens per second over all clients. ``engine``: the
+    server `phiconvert serve --engine` runs (vllm: no RSS, its memory is the GPU's)."""
     if not artifacts or not clients or min(clients) < 1 or requests < 1 or new_tokens < 1:
         raise PhiconvertError("bench --serve needs artifacts, positive --clients, --requests and --new-tokens")
     emit = progress or quiet
     results = []
     for item in artifacts:
-        with served(item, new_tokens) as (base, health):
+        with served(item, new_tokens, engine) as (base, health):
             for count in clients:
                 name = f"serve {health['target']} · {count} client{'s' if count > 1 else ''}"
                 emit({"stage": name, "status": "start"})
@@ -151,7 +153,7 @@ def serving(
 
 
 @contextlib.contextmanager
-def served(item: str, new_tokens: int) -> Iterator[tuple[str, dict[str, Any]]]:
+def served(item: str, new_tokens: int, engine: str = "phiconvert") -> Iterator[tuple[str, dict[str, Any]]]:
     """`phiconvert serve ITEM` on a free loopback port until /health answers; ended when done."""
     import httpx
 
@@ -159,7 +161,8 @@ def served(item: str, new_tokens: int) -> Iterator[tuple[str, dict[str, Any]]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "phiconvert", "serve", str(item), "--host", "127.0.0.1", "--port", str(port),
-               "--max-tokens-limit", str(new_tokens)]  # fmt: skip
+               "--engine", engine]  # fmt: skip
+    command += ["--max-tokens-limit", str(new_tokens)] if engine == "phiconvert" else []
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -169,9 +172,15 @@ def served(item: str, new_tokens: int) -> Iterator[tuple[str, dict[str, Any]]]:
                 lines = process.stderr.read().strip().splitlines() or ["the server ended"]
                 raise PhiconvertError(f"bench --serve {item}: {lines[-1].removeprefix('error: ')}")
             try:
-                health = httpx.get(base + "/health", timeout=2).json()
+                response = httpx.get(base + "/health", timeout=2)
             except httpx.TransportError:
                 time.sleep(0.3)
+                continue
+            if engine == "phiconvert":
+                health = response.json()
+            elif response.status_code == 200:  # vLLM's /health says nothing more: ask its model list
+                model = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+                health = {"target": f"{identify(item)[0]} (vllm)", "model": model, "rss_bytes": None}
         yield base, health
     finally:
         if process.poll() is None:

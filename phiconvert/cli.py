@@ -323,6 +323,8 @@ def run_convert(argv: list[str]) -> int:
 
 
 def bench_parser() -> argparse.ArgumentParser:
+    from phiconvert.serve import ENGINES
+
     p = argparse.ArgumentParser(
         prog="phiconvert bench",
         description="Load time, load memory and tokens/s of artifacts (or a source model, in transformers fp32), "
@@ -344,6 +346,8 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="with --serve: concurrent clients, comma-separated (default %(default)s)")  # fmt: skip
     p.add_argument("--requests", type=int, default=SERVE_REQUESTS,
                    help="with --serve: requests per number of clients (default %(default)s)")  # fmt: skip
+    p.add_argument("--engine", default="phiconvert", choices=ENGINES,
+                   help="with --serve: the server `phiconvert serve --engine` runs (default %(default)s)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the measurements as JSON on stdout")
     return p
 
@@ -359,6 +363,8 @@ def run_bench(argv: list[str]) -> int:
     args = bench_parser().parse_args(argv)
     if args.serve:
         return run_bench_serve(args)
+    if args.engine != "phiconvert":
+        raise PhiconvertError("--engine applies to bench --serve")
     results, console = with_stage_lines(bench, args)
     console.width = max(console.width, 150)  # a column per prompt length: do not squeeze them into a log's 80
     table = Table(title="phiconvert bench")
@@ -410,7 +416,7 @@ def run_chat(argv: list[str]) -> int:
 
 
 def run_serve(argv: list[str]) -> int:
-    from phiconvert.serve import MAX_TOKENS, serve
+    from phiconvert.serve import ENGINES, MAX_TOKENS, serve
 
     p = argparse.ArgumentParser(prog="phiconvert serve", description="Serve an artifact behind an OpenAI-compatible "
                                 "API: /v1/chat/completions, /v1/completions, /v1/models, /health.")  # fmt: skip
@@ -423,9 +429,12 @@ def run_serve(argv: list[str]) -> int:
     p.add_argument("--model-name", help="the model id clients ask for (default: the artifact folder's name)")
     p.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS,
                    help="the largest max_tokens a request may ask for (default %(default)s)")  # fmt: skip
+    p.add_argument("--engine", default="phiconvert", choices=ENGINES,
+                   help="phiconvert (default): the artifact's own runtime; vllm: vLLM's server, for gptq/awq "
+                   "artifacts and HF checkpoints on an NVIDIA GPU (`phiconvert setup vllm` first)")  # fmt: skip
     args = p.parse_args(argv)
     serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, model=args.model_name,
-          max_tokens=args.max_tokens_limit, exact=args.exact,
+          max_tokens=args.max_tokens_limit, exact=args.exact, engine=args.engine,
           announce=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
     return 0
 
@@ -463,7 +472,8 @@ def run_bench_serve(args: argparse.Namespace) -> int:
                    "TTFT max s", "tokens/s"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("artifact", "target") else "right")
     for r in results:
-        table.add_row(Path(r["artifact"]).name, r["target"], gib(r["rss"]), str(r["clients"]), str(r["requests"]),
+        rss = gib(r["rss"]) if r["rss"] is not None else "-"
+        table.add_row(Path(r["artifact"]).name, r["target"], rss, str(r["clients"]), str(r["requests"]),
                       f"{r['requests_per_s']:.2f}", f"{r['ttft_p50_s']:.3f}", f"{r['ttft_max_s']:.3f}",
                       f"{r['tokens_per_s']:.1f}")  # fmt: skip
     console.print(table)

@@ -18,12 +18,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from phiconvert import vllm_serve
 from phiconvert.errors import PhiconvertError
 from phiconvert.protocol import Event
 from phiconvert.session import BadSetting, PromptRefused, Session, check_sampling
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_TOKENS = 1024  # the largest max_tokens a request may ask for (--max-tokens-limit)
+ENGINES = ("phiconvert", "vllm")  # the built-in server over the artifact's own runtime, or vLLM's (CUDA)
 MAX_STOPS = 4  # stop strings per request, as the OpenAI API allows
 ROLES = ("system", "user", "assistant")
 
@@ -275,9 +277,18 @@ def serve(
     max_tokens: int = MAX_TOKENS,
     exact: bool = False,
     announce: Callable[[str], None] = print,
+    engine: str = "phiconvert",
 ) -> None:
     """Load the artifact, then serve it until SIGINT or SIGTERM (uvicorn's graceful shutdown: requests under way
-    get a few seconds to finish, then the session worker ends)."""
+    get a few seconds to finish, then the session worker ends). ``engine`` "vllm": vLLM's server instead, on CUDA
+    (``phiconvert.vllm_serve``)."""
+    if engine not in ENGINES:
+        raise PhiconvertError(f"--engine must be one of {', '.join(ENGINES)}, not '{engine}'")
+    if engine == "vllm":
+        if exact or max_tokens != MAX_TOKENS:
+            raise PhiconvertError("--exact and --max-tokens-limit apply to the built-in engine, not to vllm")
+        vllm_serve.run(artifact, host, port, api_key, model)
+        return
     try:
         import starlette  # noqa: F401
         import uvicorn

@@ -20,7 +20,8 @@ import psutil
 import pytest
 from conftest import ROOT, converted_by_all, run_cli
 
-from phiconvert import targets, worker
+from phiconvert import targets, vllm_serve, worker
+from phiconvert.errors import PhiconvertError
 
 FORMATS = [("gguf", "q4_k_m"), ("openvino", "int4"), ("mlx", "4bit")]
 KEY = "test-key"
@@ -237,3 +238,35 @@ def test_a_cancel_ends_the_generation_and_a_too_long_prompt_is_refused():
     assert fake.closed == 1
     with pytest.raises(worker.PromptTooLong, match="the prompt is 100 tokens; this model's context is 100"):
         worker.answer(fake.runtime(), {"text": "x" * 100}, queue.Queue(), events.append)
+
+
+def test_vllm_engine_is_refused_in_one_line_without_cuda_and_for_formats_it_cannot_read(tmp_path):
+    from phiconvert import hardware
+
+    if hardware.probe().nvidia_gpu:
+        pytest.skip("this machine has an NVIDIA GPU: the refusal is for machines without one")
+    result = run_cli("serve", "bundled:tiny-phi4mini", "--engine", "vllm", cwd=tmp_path)
+    assert result.returncode == 1 and "needs an NVIDIA GPU with CUDA" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    gguf = tmp_path / "gguf-q4_k_m"
+    gguf.mkdir()
+    (gguf / "phiconvert.json").write_text('{"target": "gguf", "precision": "q4_k_m", "source": {}}')
+    with pytest.raises(PhiconvertError, match="serves gptq and awq artifacts and Hugging Face checkpoints; .* is gguf"):
+        vllm_serve.command(str(gguf), "127.0.0.1", 8000)
+
+
+def test_vllm_engine_runs_vllm_serve_from_its_environment_with_the_same_settings(tmp_path, monkeypatch):
+    """The argument wiring, on a machine that pretends to have a GPU and the managed environment."""
+    from phiconvert import envs, hardware
+
+    monkeypatch.setattr(hardware, "probe", lambda: hardware.Machine(nvidia_gpu="NVIDIA H200"))
+    monkeypatch.setattr(envs, "python", lambda name: None)
+    with pytest.raises(PhiconvertError, match="run `phiconvert setup vllm` first"):
+        vllm_serve.command("bundled:tiny-phi4mini", "127.0.0.1", 8000)
+    monkeypatch.setattr(envs, "python", lambda name: tmp_path / name / "bin" / "python")
+    argv, env = vllm_serve.command("bundled:tiny-phi4mini", "0.0.0.0", 8123, api_key=KEY, model="phi")
+    assert argv[:2] == [str(tmp_path / "vllm" / "bin" / "vllm"), "serve"]
+    assert argv[2].endswith("tiny-phi4mini") and KEY not in argv and env["VLLM_API_KEY"] == KEY
+    assert argv[argv.index("--host") + 1] == "0.0.0.0" and argv[argv.index("--port") + 1] == "8123"
+    assert argv[argv.index("--served-model-name") + 1] == "phi"
+    assert "VLLM_API_KEY" not in vllm_serve.command("bundled:tiny-phi4mini", "127.0.0.1", 8000)[1]
