@@ -239,7 +239,7 @@ def test_convert_end_to_end(target_all, target, precision):
         ("gptq", "int4", {}),
         ("gptq", "int4", {"desc_act": True, "sym": False, "group_size": 64}),
         ("gptq", "int8", {}),
-        ("gptq", "int4", {"method": "autoround", "iters": 10}),
+        ("gptq", "int4", {"method": "autoround", "iters": 5, "nsamples": 4, "seqlen": 256}),
         ("awq", "int4", {}),
     ],
 )
