@@ -15,7 +15,6 @@ import pytest
 
 from phiconvert import archs, convert
 from phiconvert.errors import PhiconvertError
-from phiconvert.pipeline import VerificationFailed
 from phiconvert.source import FIXTURES
 
 # architecture -> (model_type, the donor fixture whose tokenizer and chat template it takes, shapes)
@@ -68,25 +67,45 @@ def unseen(tmp_path_factory):
     return get
 
 
+def refusal(folder: Path, target: str) -> str | None:
+    return archs.profile(json.loads((folder / "config.json").read_text())).unsupported.get(target)
+
+
+@pytest.fixture(scope="session")
+def compared(unseen, tmp_path_factory):
+    """name -> {"target:precision": run} of one `--target LIST --no-bench` comparison per checkpoint, over the pairs
+    its architecture supports: one reference and one source chat serve them all."""
+    done: dict[str, dict[str, dict]] = {}
+
+    def get(name: str) -> dict[str, dict]:
+        if name not in done:
+            folder = unseen(name)
+            pairs = [p for p in PAIRS if not refusal(folder, p.split(":")[0])]
+            output = tmp_path_factory.mktemp(f"{name}-compare") / "report"
+            comparison = convert(str(folder), target=",".join(pairs), output=output, benchmark=False)
+            done[name] = {f"{r['target']}:{r['precision']}": r for r in comparison["runs"]}
+        return done[name]
+
+    return get
+
+
 @pytest.mark.parametrize("pair", PAIRS)
 @pytest.mark.parametrize("name", list(UNSEEN))
-def test_unseen_checkpoint_converts_at_full_precision(unseen, tmp_path, name, pair):
+def test_unseen_checkpoint_converts_at_full_precision(unseen, compared, tmp_path, name, pair):
     """The bar is top-1 >= 0.95, not each precision's own bound: on the random Llama OpenVINO's IR agrees 1.000 on
     the 64-token window and 0.958 on the 384-token one, in fp16 and in fp32 alike (not its fp16 compression; the
     cause is not pinned down yet), where the trained fixtures stay at 1.000."""
     target, precision = pair.split(":")
     folder = unseen(name)
-    why = archs.profile(json.loads((folder / "config.json").read_text())).unsupported.get(target)
+    why = refusal(folder, target)
     if why:  # refused in one line naming the target and the architecture, before any work
         with pytest.raises(PhiconvertError, match=f"--target {target} cannot convert .*ForCausalLM: ") as refused:
             convert(str(folder), target=target, precision=precision, output=tmp_path / "out")
         assert why in str(refused.value) and not (tmp_path / "out").exists()
         return
-    try:
-        report = convert(str(folder), target=target, precision=precision, output=tmp_path / "out")
-    except VerificationFailed as failed:
-        report = failed.report
-    fidelity = report["fidelity"]
+    run = compared(name)[pair]
+    assert "report" in run, run.get("error")  # a failed verification still has its report: the bar is below
+    fidelity = run["report"]["fidelity"]
     assert fidelity["top1"] >= 0.95, fidelity
     if UNSEEN[name][2].get("sliding_window", 4096) < 384:
         # top-1 on random weights does not see a sliding window at all (diffuse attention); the mean KL does: a
