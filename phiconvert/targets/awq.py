@@ -47,13 +47,11 @@ def export(job: ExportJob) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(job.source)
     chunks = hf_common.calibration_chunks(tokenizer, job.calibration, SEQUENCE_LENGTH, MAX_SAMPLES)
     with _Skipped() as skipped:
-        config = hf_common.autoround(job, tokenizer, chunks, "auto_awq", scheme="W4A16",
-                                     alg_configs=AWQConfig(apply_clip=True), bits=4, group_size=chosen["group_size"],
-                                     sym=chosen["sym"], device_map=device)  # fmt: skip
-    if config.get("quant_method") != "awq":
-        raise PhiconvertError(f"AutoRound wrote a '{config.get('quant_method')}' checkpoint, not AWQ")
+        config, layers = hf_common.autoround(job, tokenizer, chunks, "auto_awq", scheme="W4A16",
+                                             alg_configs=AWQConfig(apply_clip=True), bits=4,
+                                             group_size=chosen["group_size"], sym=chosen["sym"],
+                                             device_map=device)  # fmt: skip
     not_converted = config.get("modules_to_not_convert") or []
-    layers = [n for n in hf_common.linear_names(job.source) if not any(n.startswith(m) for m in not_converted)]
     return {
         "method": "awq (AutoRound: scale + clip search, then round-to-nearest)",
         "settings": {k: config.get(k) for k in ("bits", "group_size", "zero_point", "version")} | {"device": device},

@@ -97,20 +97,16 @@ def export_autoround(job: ExportJob) -> dict[str, Any]:
     rounds = {name: job.options.get(name) or default for name, default in AUTOROUND.items()}
     tokenizer = AutoTokenizer.from_pretrained(job.source)
     chunks = hf_common.calibration_chunks(tokenizer, job.calibration, rounds["seqlen"], rounds["nsamples"])
-    config = hf_common.autoround(job, tokenizer, chunks, "auto_gptq", scheme=f"W{chosen.bits}A16", bits=chosen.bits,
-                                 group_size=chosen.group_size, sym=chosen.sym, iters=rounds["iters"],
-                                 device_map=device)  # fmt: skip
-    if config.get("quant_method") != "gptq":
-        raise PhiconvertError(f"AutoRound wrote a '{config.get('quant_method')}' checkpoint, not GPTQ")
-    not_converted = config.get("modules_to_not_convert") or []
-    layers = [n for n in hf_common.linear_names(job.source) if not any(n.startswith(m) for m in not_converted)]
+    config, layers = hf_common.autoround(job, tokenizer, chunks, "auto_gptq", scheme=f"W{chosen.bits}A16",
+                                         bits=chosen.bits, group_size=chosen.group_size, sym=chosen.sym,
+                                         iters=rounds["iters"], device_map=device)  # fmt: skip
     return {
         "method": "autoround (SignRound, auto-round package), exported as GPTQ",
         "settings": {k: config.get(k) for k in ("bits", "group_size", "sym", "desc_act", "checkpoint_format")}
         | {"iters": rounds["iters"], "device": device},
         "group_size_note": hf_common.group_size_note(chosen.group_size, DEFAULT_GROUP_SIZE, job.options, inputs),
         "calibration": {"chunks": len(chunks), "tokens_per_chunk": len(chunks[0])},
-        "kept_in_float16": ["model.embed_tokens", "lm_head", *not_converted, "norms"],
+        "kept_in_float16": ["model.embed_tokens", "lm_head", *(config.get("modules_to_not_convert") or []), "norms"],
         "bits_per_weight": round(hf_common.bits_per_weight(job.output, job.source, layers), 3),
     }
 

@@ -95,9 +95,12 @@ def hub_layout_config(output: Path) -> None:
     path.write_text(json.dumps(normalise_config(json.loads(path.read_text())), indent=2, sort_keys=True) + "\n")
 
 
-def autoround(job: Any, tokenizer: Any, chunks: list[list[int]], fmt: str, **settings: Any) -> dict[str, Any]:
+def autoround(
+    job: Any, tokenizer: Any, chunks: list[list[int]], fmt: str, **settings: Any
+) -> tuple[dict[str, Any], list[str]]:
     """Quantize ``job.source`` with AutoRound (``settings``: its keywords) and write the checkpoint in ``fmt``
-    into ``job.output`` in the hub layout; returns its quantization_config."""
+    (auto_gptq, auto_awq) into ``job.output`` in the hub layout; returns its quantization_config and the names of
+    the linear layers it quantized (those it kept unconverted left out)."""
     import torch
     from auto_round import AutoRound
 
@@ -112,7 +115,12 @@ def autoround(job: Any, tokenizer: Any, chunks: list[list[int]], fmt: str, **set
         shutil.move(str(item), job.output / item.name)
     hub_layout_config(job.output)
     copy_support_files(job.source, job.output)
-    return json.loads((job.output / "config.json").read_text())["quantization_config"]
+    config = json.loads((job.output / "config.json").read_text())["quantization_config"]
+    expected = fmt.removeprefix("auto_")
+    if config.get("quant_method") != expected:
+        raise PhiconvertError(f"AutoRound wrote a '{config.get('quant_method')}' checkpoint, not {expected.upper()}")
+    not_converted = config.get("modules_to_not_convert") or []
+    return config, [n for n in linear_names(job.source) if not any(n.startswith(m) for m in not_converted)]
 
 
 def calibration_chunks(tokenizer: Any, texts: list[str], length: int, count: int) -> list[list[int]]:
