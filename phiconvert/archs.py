@@ -30,6 +30,8 @@ class Profile:
 
 
 OV_GEMMA = "optimum-intel 2.2 exports Gemma only with transformers <= 5.0 (its GemmaOpenVINOConfig's limit)"
+ET_GEMMA = ("phiconvert maps only llama-layout decoders onto ExecuTorch's llama_transformer; Gemma's (1 + w) norms, "
+            "softcaps and sliding layers are not mapped")  # fmt: skip
 
 PROFILES = {
     p.architecture: p
@@ -51,7 +53,12 @@ PROFILES = {
         ),
         Profile("MistralForCausalLM", "Mistral-7B", "LLAMA", permute_qk=True),
         Profile("Qwen2ForCausalLM", "Qwen2, Qwen2.5", "QWEN2", fixtures=("tiny-qwen",)),
-        Profile("Qwen3ForCausalLM", "Qwen3", "QWEN3"),
+        Profile(
+            "Qwen3ForCausalLM",
+            "Qwen3",
+            "QWEN3",
+            unsupported={"executorch": "phiconvert does not map Qwen3's q/k norms onto ExecuTorch's llama_transformer"},
+        ),
         Profile(
             "Gemma2ForCausalLM",
             "Gemma-2",
@@ -59,6 +66,7 @@ PROFILES = {
             norm_shift=1.0,
             unsupported={
                 "openvino": OV_GEMMA,
+                "executorch": ET_GEMMA,
                 "mlx": "mlx-lm 0.31's gemma2 ignores the sliding window: past it, every other layer attends to "
                 "tokens the model never sees",
             },
@@ -71,6 +79,7 @@ PROFILES = {
             norm_shift=1.0,
             unsupported={
                 "openvino": OV_GEMMA,
+                "executorch": ET_GEMMA,
                 "ort-genai": "onnxruntime-genai 0.18's builder reads rope_parameters['rope_type'], which "
                 "transformers 5 nests per layer type for Gemma-3",
             },
@@ -115,8 +124,21 @@ def support_table(targets: list[str]) -> str:
     lines = [f"| architecture | models | {' | '.join(f'`{t}`' for t in targets)} | verified on |",
              "|---" * (len(targets) + 3) + "|"]  # fmt: skip
     for found in PROFILES.values():
-        works = "yes" if found.fixtures else "untested"
-        cells = ["no" if t in found.unsupported else works for t in targets]
+        cells = ["no" if t in found.unsupported else "yes" if _verified(found, t) else "untested" for t in targets]
         verified = ", ".join(f"`{f}`" for f in found.fixtures) or "no bundled fixture yet"
         lines.append(f"| `{found.architecture}` | {found.models} | {' | '.join(cells)} | {verified} |")
     return "\n".join(lines) + "\n"
+
+
+def _verified(found: Profile, target: str) -> bool:
+    """Whether a bundled fixture of the profile is one the target converts (its ``refuse`` may turn down a fixture
+    for a setting the whole architecture does not share: tiny-llama's llama3 rope scaling on executorch)."""
+    import json
+    from pathlib import Path
+
+    from phiconvert import targets
+
+    refuse = targets.load(target).refuse
+    fixtures = Path(__file__).parent / "fixtures"
+    configs = [json.loads((fixtures / name / "config.json").read_text()) for name in found.fixtures]
+    return any(refuse is None or refuse(config, {}) is None for config in configs)

@@ -376,6 +376,9 @@ def run_bench(argv: list[str]) -> int:
     for r in results:
         speeds = []
         for p in r["prompts"]:
+            if "skipped" in p:  # past the runtime's context
+                speeds += ["-", "-"]
+                continue
             speeds += [f"{p['prompt_tps']:.0f}", "-" if p["generation_tps"] is None else f"{p['generation_tps']:.1f}"]
         label = f"{r['target']} {r['precision'] or ''}"
         table.add_row(Path(r["artifact"]).name, label, gib(r["size_bytes"]), f"{r['load_s']:.2f}", gib(r["load_rss"]),

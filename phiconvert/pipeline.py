@@ -99,7 +99,9 @@ def convert(
     src = source.resolve(model)
     samples = calibration_samples(calibration)
     config = source.normalise_config(src.config)
-    pairs = [replace(p, skipped=p.skipped or archs.refusal(config, p.target)) for p in pairs]
+    pairs = [
+        replace(p, skipped=p.skipped or archs.refusal(config, p.target) or model_refusal(p, config)) for p in pairs
+    ]
     unfit = next((p.skipped for p in pairs if p.skipped), None)
     if unfit and not target.startswith("all"):
         raise PhiconvertError(unfit)
@@ -156,6 +158,14 @@ def verify_windows(config: dict[str, Any], mode: str) -> tuple[list[tuple[int, i
                    "was not checked")  # fmt: skip
         return windows, [skipped]
     return windows, []
+
+
+def model_refusal(pair: Pair, config: dict[str, Any]) -> str | None:
+    """Why the pair's target cannot convert this model exactly with its options (its own ``refuse``), or None."""
+    if pair.adapter is None or pair.adapter.refuse is None:
+        return None
+    why = pair.adapter.refuse(config, pair.options or {})
+    return f"--target {pair.target}: {why}" if why else None
 
 
 def plan(target: str, precision: str | None, options: dict[str, Any]) -> Pair:
@@ -350,9 +360,17 @@ def _report(
                           f"({declared.bound})")  # fmt: skip
     fidelity = None
     if reference is not None:
-        windows = reference["windows"]
-        numbers = [verify.Positions.load(work / f"positions-{i}.npz") for i in range(len(windows))]
-        summary = verify.summarise(windows, numbers)
+        # a runtime whose context is fixed shorter than a window (an ExecuTorch program) leaves that window out
+        found = [(w, work / f"positions-{i}.npz") for i, w in enumerate(reference["windows"])]
+        for (start, length), path in found:
+            if not path.exists():
+                caveats.append(f"the {length}-token window at token {start} was not compared: it does not fit "
+                               "the artifact's context")  # fmt: skip
+        found = [(w, path) for w, path in found if path.exists()]
+        if not found:
+            raise PhiconvertError(f"{pair.label}: no verification window fits the artifact's context")
+        windows = [w for w, _ in found]
+        summary = verify.summarise(windows, [verify.Positions.load(path) for _, path in found])
         bound = verify.bound_for(details.get("bound", declared.bound))
         failures = summary.failures(bound)
         variants = {}

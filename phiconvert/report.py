@@ -47,8 +47,8 @@ def rows(comparison: dict[str, Any]) -> list[dict[str, Any]]:
             "load_s": measured.get("load_s"),
             "load_rss_mib": _mib(measured.get("load_rss")),
             "load_rss_added_mib": _mib(measured["load_rss"] - measured["baseline_rss"]) if measured else None,
-            "prompt_tps": {p["tokens"]: p["prompt_tps"] for p in prompts},
-            "generation_tps": {p["tokens"]: p["generation_tps"] for p in prompts},
+            "prompt_tps": {p["tokens"]: p.get("prompt_tps") for p in prompts},  # None: past the runtime's context
+            "generation_tps": {p["tokens"]: p.get("generation_tps") for p in prompts},
             "top1": fidelity.get("worst_top1"),
             "kl": fidelity.get("worst_kl"),
             "ppl_pct": fidelity.get("ppl_pct"),

@@ -37,7 +37,11 @@ def test_every_pair_converts_and_verifies(all_of):
     failed = {pair: r.get("error") for pair, r in runs.items() if r["status"] == "failed"}
     assert not failed, failed
     skipped = {pair for pair, r in runs.items() if r["status"] == "skipped"}
-    assert skipped <= {("ort-genai", "fp16")}, skipped  # a GPU build's precision, on this CPU
+    expected = {("ort-genai", "fp16")}  # a GPU build's precision, on this CPU
+    if name == "tiny-llama":  # llama3 rope scaling, which ExecuTorch's llama_transformer does not compute
+        expected.add(("executorch", "8da4w"))
+        assert "no 'llama3' rope scaling" in runs[("executorch", "8da4w")]["error"]
+    assert skipped <= expected, skipped
     for pair, run in runs.items():
         if run["status"] == "passed":
             fidelity = run["report"]["fidelity"]

@@ -29,6 +29,7 @@ MODULES = {
     "awq": "awq",
     "bnb": "bnb",
     "torchao": "torchao",
+    "executorch": "executorch",
 }
 
 
@@ -252,6 +253,9 @@ class Target:
     options: tuple[Option, ...] = ()
     # check(precision, options): refuse a combination the target cannot do, before any work starts
     check: Callable[[str, dict[str, Any]], None] | None = None
+    # refuse(config, options) -> why this model (its hub-layout config) cannot be converted exactly with these
+    # options, beyond its architecture's profile (a rope scaling the toolchain lacks, ...), or None
+    refuse: Callable[[dict[str, Any], dict[str, Any]], str | None] | None = None
     # peak memory per stage, for the pre-flight check; a target not yet measured at real size assumes the source's
     # bf16 bytes once plus 1 GiB (gptq, awq: see docs/realsize.md)
     memory: Memory = Memory(export=(1.0, 1.0), runtime=(1.0, 1.0))
@@ -275,10 +279,6 @@ class Target:
     def smoke(self, artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
         """The greedy chat reply in the runtime's exact mode: verification's smoke test."""
         return reply(self.open(artifact, True), messages, max_new_tokens)
-
-    def runner(self, artifact: Path) -> Generate:
-        """The runtime with its deployment defaults, as `phiconvert bench` loads, times and measures it."""
-        return generator(self.open(artifact, False))
 
 
 def names() -> list[str]:
