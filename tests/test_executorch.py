@@ -91,3 +91,11 @@ def test_a_rope_scaling_executorch_lacks_is_refused_before_any_work():
     config = source.normalise_config(json.loads((FIXTURES / "tiny-llama" / "config.json").read_text()))  # llama3
     why = pipeline.model_refusal(pipeline.plan("executorch", None, {}), config)
     assert why.startswith("--target executorch: ExecuTorch's llama_transformer has no 'llama3' rope scaling"), why
+
+
+def test_the_context_stays_within_a_sliding_window_llama_transformer_is_not_given():
+    phi3 = source.read_config(FIXTURES / "tiny-phi3")  # Phi-3-mini's 2047-token window
+    assert executorch.context_for(phi3, None) == 2047
+    assert "2047-token sliding window" in executorch.refuse(phi3, {"max_context": 4096})
+    qwen = source.read_config(FIXTURES / "tiny-qwen")  # declares a window it switches off
+    assert executorch.context_for(qwen, None) == 1024 and executorch.refuse(qwen, {"max_context": 2048}) is None

@@ -18,6 +18,7 @@ the main environment's, so it runs there (a release built against another torch 
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from collections.abc import Iterator
@@ -116,19 +117,21 @@ def _settings(precision: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def context_for(config: dict[str, Any], asked: int | None) -> int:
-    """The KV cache length: the user's, else the model's context (capped at ``DEFAULT_CONTEXT``); for longrope at
-    most the original context, where the static rope table holds the short factors transformers uses there."""
+    """The KV cache length: the user's, else the model's context capped at ``DEFAULT_CONTEXT``, at its sliding
+    window (llama_transformer is given none) and, for longrope, at its original context (the static rope table then
+    holds the short factors transformers uses there)."""
     why = refuse(config, {"max_context": asked})
     if why:
         raise PhiconvertError(f"--target executorch: {why}")
+    limits = [config.get("max_position_embeddings") or DEFAULT_CONTEXT, DEFAULT_CONTEXT, _window(config) or math.inf]
     if _rope_kind(config) in ("longrope", "su"):
-        return asked or min(_original(config), DEFAULT_CONTEXT)
-    return asked or min(config.get("max_position_embeddings") or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+        limits.append(_original(config))
+    return asked or int(min(limits))
 
 
 def refuse(config: dict[str, Any], options: dict[str, Any]) -> str | None:
     """What ExecuTorch's llama_transformer would compute differently from transformers for this model, or None."""
-    kind, asked = _rope_kind(config), options.get("max_context")
+    kind, asked, window = _rope_kind(config), options.get("max_context"), _window(config)
     if kind not in ROPE_TYPES:
         return (f"ExecuTorch's llama_transformer has no '{kind}' rope scaling in its Hugging Face rope path (it "
                 f"computes {', '.join(ROPE_TYPES)})")  # fmt: skip
@@ -137,7 +140,16 @@ def refuse(config: dict[str, Any], options: dict[str, Any]) -> str | None:
         return (f"--max-context {asked} is past this model's original context ({original}): ExecuTorch's rope "
                 f"table is fixed at export, and past {original} tokens it would rotate every position with "
                 f"longrope's long factor, where the model uses the short one up to {original} tokens")  # fmt: skip
+    if window and asked and asked > window:
+        return (f"--max-context {asked} is past this model's {window}-token sliding window, which phiconvert does not "
+                f"give ExecuTorch's llama_transformer: past it every token would attend to tokens the model never "
+                f"sees")  # fmt: skip
     return None
+
+
+def _window(config: dict[str, Any]) -> int | None:
+    """The sliding window transformers applies (Qwen2 declares one it switches off)."""
+    return config.get("sliding_window") if config.get("use_sliding_window", True) else None
 
 
 def _original(config: dict[str, Any]) -> int:
