@@ -21,7 +21,7 @@ from phiconvert.verify import bound_for
 
 FOUR_BIT = {("openvino", "int4"), ("ort-genai", "int4"), ("mlx", "4bit"), ("gguf", "q4_k_m"), ("gguf", "q5_k_m"),
             ("gguf", "q4_0"), ("gptq", "int4"), ("awq", "int4"), ("bnb", "nf4"), ("bnb", "fp4"),
-            ("torchao", "8da4w")}  # fmt: skip
+            ("torchao", "8da4w"), ("executorch", "8da4w")}  # fmt: skip
 
 
 def test_all_is_every_pair_and_precision_narrows_it_by_class():
