@@ -218,9 +218,10 @@ class StageLines:
             self.started[name] = time.monotonic()
         elif event["status"] == "progress" and name in self.tasks:
             task, what = self.tasks[name], event.get("what", "")
-            if self.steps.get(name) != what:  # a toolchain's next step: its own count, its own ETA
-                self.steps[name] = what
-                self.progress.reset(task, total=event["total"], completed=event["done"])
+            if self.steps.get(name) != what:  # a toolchain's next step: its own bar, count and ETA (rich cannot
+                self.steps[name] = what  # clear a task's total, and a step without one must not show the last's)
+                self.progress.remove_task(task)
+                task = self.tasks[name] = self.progress.add_task(name, total=event["total"], unit="")
             self.progress.update(
                 task,
                 completed=event["done"],

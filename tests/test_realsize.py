@@ -184,6 +184,26 @@ def test_progress_in_a_log_is_a_line_every_so_often():
     assert shown[1].startswith("✓ export") and "peak 1.00 GiB" in shown[1]
 
 
+def test_a_step_without_a_total_does_not_show_the_last_steps_total(monkeypatch):
+    """A toolchain step that counts nothing (ExecuTorch's export_llama after our rename of 194 tensors) says it is
+    running, not "0/194" for twenty minutes."""
+    import io
+
+    from rich.console import Console
+
+    from phiconvert.cli import StageLines
+
+    monkeypatch.setattr(StageLines, "LOG_EVERY", 0.0)
+    out = io.StringIO()
+    lines = StageLines(Console(file=out, width=100))
+    lines({"stage": "export", "status": "start"})
+    lines({"stage": "export", "status": "progress", "done": 194, "total": 194, "unit": "tensors", "what": "rename"})
+    lines({"stage": "export", "status": "progress", "done": 0, "total": None, "unit": "", "what": "lowering"})
+    shown = out.getvalue().splitlines()
+    assert shown[0].startswith("  export · rename: 194/194 tensors"), shown
+    assert shown[1].startswith("  export · lowering: running, "), shown
+
+
 def test_a_stage_with_no_progress_still_gets_a_line_in_a_log(monkeypatch):
     """A toolchain step that reports nothing (optimum-intel's torch export) is not silent in a log."""
     import io
