@@ -93,6 +93,12 @@ def convert_parser() -> argparse.ArgumentParser:
         default=True,
         help="all or a list: bench the source and every verified artifact (default); --no-bench: fidelity only",
     )
+    p.add_argument("--bench-prompt-lengths", type=lengths, default=PROMPT_LENGTHS,
+                   help="that bench's prompt lengths in tokens, comma-separated (default %(default)s)")  # fmt: skip
+    p.add_argument("--bench-new-tokens", type=int, default=NEW_TOKENS,
+                   help="that bench's tokens generated per prompt (default %(default)s)")  # fmt: skip
+    p.add_argument("--bench-repeats", type=int, default=REPEATS,
+                   help="that bench's runs per measure; the fastest is kept (default %(default)s)")  # fmt: skip
     p.add_argument("--eval", dest="eval_tasks", type=lambda text: [t for t in text.split(",") if t],
                    help="all or a list: also score the source and every verified artifact on these lm-eval tasks, "
                    "comma-separated, as `phiconvert eval` does (bundled: pydoc_cloze, pydoc_next_word)")  # fmt: skip

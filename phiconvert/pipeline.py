@@ -67,6 +67,9 @@ def convert(
     verify: str | bool = "full",  # full, quick (no window past the original context), none (True/False: full/none)
     plan_only: bool = False,  # only the pre-flight: what each stage needs, against this machine
     benchmark: bool = True,  # a comparison benches the source and every verified artifact (False: fidelity only)
+    bench_prompt_lengths: tuple[int, ...] = bench.PROMPT_LENGTHS,  # what that bench measures, as `phiconvert bench`
+    bench_new_tokens: int = bench.NEW_TOKENS,
+    bench_repeats: int = bench.REPEATS,
     eval_tasks: list[str] | None = None,  # a comparison also scores every verified artifact and the source on these
     eval_limit: int | None = None,  # lm-eval tasks, at most this many items each (phiconvert.evaluate)
     progress: Progress | None = None,
@@ -91,6 +94,8 @@ def convert(
         target, precision = recommendation.target, precision or recommendation.precision
         auto = recommendation.reason
         emit({"stage": "auto", "status": "note", "message": f"--target auto: {auto}"})
+    if min(*bench_prompt_lengths, bench_new_tokens, bench_repeats) < 1:
+        raise PhiconvertError("bench prompt lengths, new tokens and repeats must be at least 1")
     if eval_tasks is not None and not several:
         raise PhiconvertError("--eval applies to --target all or a list; score one artifact with `phiconvert eval`")
     if eval_tasks is not None:
@@ -119,7 +124,7 @@ def convert(
     try:
         staging = source.stage(src, temp / "staging")
         benched = several and benchmark
-        prompts = bench.prompt_ids(staging, {}, bench.PROMPT_LENGTHS, bench.NEW_TOKENS) if benched else None
+        prompts = bench.prompt_ids(staging, {}, bench_prompt_lengths, bench_new_tokens) if benched else None
         reference = run_reference(staging, windows, temp, emit_with(emit, "source") if several else emit)
         runs = []
         for pair in pairs:
@@ -132,8 +137,10 @@ def convert(
             source_chat(staging, runs, temp, emit_with(emit, "source") if several else emit)
         if several:
             evaluation = (eval_tasks, eval_limit) if eval_tasks is not None else None
-            return finish_comparison(src, staging, runs, prompts, evaluation, target, precision, temp, destination,
-                                     started, emit)  # fmt: skip
+            settings = {"prompt_lengths": list(bench_prompt_lengths), "new_tokens": bench_new_tokens,
+                        "repeats": bench_repeats}  # fmt: skip
+            return finish_comparison(src, staging, runs, prompts, settings, evaluation, target, precision, temp,
+                                     destination, started, emit)  # fmt: skip
         run = runs[0]
         run["report"] |= {"seconds": time.perf_counter() - started, "auto": auto}
         (run["folder"] / "phiconvert.json").write_text(json.dumps(run["report"], indent=2) + "\n")
@@ -417,6 +424,7 @@ def finish_comparison(
     staging: Path,
     runs: list[dict[str, Any]],
     prompts: list[list[int]] | None,
+    settings: dict[str, Any],  # the bench's prompt_lengths, new_tokens and repeats
     evaluation: tuple[list[str], int | None] | None,
     target: str,
     precision: str | None,
@@ -445,7 +453,8 @@ def finish_comparison(
         folder = staging if row is baseline else out / row["artifact"]
         kind = bench.SOURCE if row is baseline else row["target"]
         try:
-            measured = bench.measure(kind, folder, row, prompts, bench.NEW_TOKENS, bench.REPEATS, bench_work, emit)
+            measured = bench.measure(kind, folder, row, prompts, settings["new_tokens"], settings["repeats"],
+                                     bench_work, emit)  # fmt: skip
             # where it will be once in place: the source's own folder, or the artifact's inside the report
             row["bench"] = {**measured, "artifact": str(src.path) if row is baseline else row["artifact"]}
         except PhiconvertError as error:
@@ -465,12 +474,7 @@ def finish_comparison(
         },
         "machine": dict(hardware.describe(hardware.probe())),
         "selection": {"target": target, "precision": precision},
-        "bench": {
-            "prompt_lengths": list(bench.PROMPT_LENGTHS),
-            "new_tokens": bench.NEW_TOKENS,
-            "repeats": bench.REPEATS,
-            "ran": prompts is not None,
-        },  # fmt: skip
+        "bench": {**settings, "ran": prompts is not None},
         "baseline": baseline,
         "runs": runs,
         **({"eval": scored} if scored is not None else {}),

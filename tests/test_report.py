@@ -56,6 +56,9 @@ def test_a_list_is_checked_before_any_work(tmp_path, target, precision, message)
 def test_an_option_no_selected_target_takes_is_refused(tmp_path):
     result = run_cli("--target", "gguf,mlx", "--ep", "cpu", "--output", "out", cwd=tmp_path)
     assert result.returncode == 1 and "--ep applies to none of the selected targets and precisions" in result.stderr
+    result = run_cli("--target", "gguf,mlx", "--bench-repeats", "0", "--output", "out", cwd=tmp_path)
+    assert result.returncode == 1 and "repeats must be at least 1" in result.stderr and "Traceback" not in result.stderr
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.slow
@@ -83,6 +86,7 @@ def test_target_all_converts_verifies_and_benches_every_pair(target_all):
 @pytest.mark.slow
 def test_every_artifact_and_the_source_are_benched(target_all):
     folder, comparison = target_all
+    assert comparison["bench"] == {"prompt_lengths": [16, 128], "new_tokens": 32, "repeats": 1, "ran": True}
     benched = [comparison["baseline"], *[r for r in comparison["runs"] if r["status"] == "passed"]]
     for row in benched:
         measured = row["bench"]
