@@ -99,3 +99,40 @@ def test_the_context_stays_within_a_sliding_window_llama_transformer_is_not_give
     assert "2047-token sliding window" in executorch.refuse(phi3, {"max_context": 4096})
     qwen = source.read_config(FIXTURES / "tiny-qwen")  # declares a window it switches off
     assert executorch.context_for(qwen, None) == 1024 and executorch.refuse(qwen, {"max_context": 2048}) is None
+
+
+def test_the_export_shows_its_steps_and_counts_the_quantized_weights(monkeypatch):
+    """export_llama reports nothing for minutes at real size: each LLMEdgeManager step becomes a named step, and the
+    quantization a count of the weights torchao has replaced (here with ExecuTorch's own 8da4w and embedding
+    configs), the methods restored afterwards."""
+    import time
+
+    import torch
+    from executorch.extension.llm.export.builder import LLMEdgeManager
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    from phiconvert import progress
+
+    def quantize(self, transforms):
+        quantize_(self.model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+                  filter_fn=lambda m, _: isinstance(m, torch.nn.Embedding))  # fmt: skip
+        quantize_(self.model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                                    weight_granularity=PerGroup(32)))  # fmt: skip
+        time.sleep(1.5)  # the count is polled every second
+        return self
+
+    events = []
+    monkeypatch.setattr(progress, "_send", events.append)
+    monkeypatch.setattr(LLMEdgeManager, "source_transform", quantize)
+    monkeypatch.setattr(LLMEdgeManager, "save_to_pte", lambda self, name: None)
+    manager = type("Manager", (), {})()
+    manager.model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64), torch.nn.Linear(64, 32))
+    with executorch._named_steps():
+        LLMEdgeManager.source_transform(manager, [])
+        LLMEdgeManager.save_to_pte(manager, "model.pte")
+    steps = [(e.get("what"), e["done"], e["total"]) for e in events]
+    assert steps[0] == (executorch.STEPS["source_transform"], 0, None)
+    assert (executorch.STEPS["source_transform"], 3, 3) in steps
+    assert steps[-1] == (executorch.STEPS["save_to_pte"], 0, None)
+    assert LLMEdgeManager.source_transform is quantize

@@ -22,6 +22,7 @@ import math
 import re
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,16 @@ PREFILL = 128  # tokens one forward call takes at most (ExecuTorch's max_seq_len
 LOGITS_ROWS = 64  # positions per yielded chunk of logits
 ROPE_TYPES = ("default", "longrope", "su")  # what llama_transformer's Hugging Face rope path computes exactly
 # runtime metadata methods the export bakes into the program (the demo apps' runners read them)
+# LLMEdgeManager's steps, in the order export_llama calls them -> what the progress bar says while each runs (the
+# export reports no progress of its own; the quantization is counted from the weights it has replaced)
+STEPS = {
+    "source_transform": "quantizing weights (torchao)",
+    "export": "torch.export",
+    "run_canonical_optimizations": "canonical graph passes",
+    "to_edge_transform_and_lower": "edge dialect and XNNPACK lowering",
+    "to_executorch": "ExecuTorch program",
+    "save_to_pte": "writing the .pte",
+}
 METADATA = ("get_bos_id", "get_eos_ids", "get_max_context_len", "get_max_seq_len", "get_vocab_size")
 
 # Hugging Face tensor (after "model.layers.N." for a layer's) -> llama_transformer's name
@@ -174,8 +185,9 @@ def export(job: ExportJob) -> dict[str, Any]:
             raise PhiconvertError(f"the temporary folder {scratch} contains 'int8' or '8da4w', which ExecuTorch's "
                                   "export reads as a pre-quantized checkpoint: set TMPDIR elsewhere")  # fmt: skip
         checkpoint, params, weights = _checkpoint(job.source, config, Path(scratch))
-        progress.advance(0, None, what="torch.export, quantization and XNNPACK lowering (ExecuTorch's export_llama)")
-        _export_llama(checkpoint, params, job.output, settings, context, {"get_bos_id": bos, "get_eos_ids": eos})
+        progress.advance(0, None, what="loading the checkpoint (ExecuTorch's export_llama)")
+        with _named_steps():
+            _export_llama(checkpoint, params, job.output, settings, context, {"get_bos_id": bos, "get_eos_ids": eos})
     hf_common.copy_support_files(job.source, job.output)
     (job.output / "config.json").write_text((job.source / "config.json").read_text())
     size = (job.output / PTE).stat().st_size
@@ -263,6 +275,59 @@ def _renamed(name: str, tensor: Any, config: dict[str, Any]) -> Iterator[tuple[s
         raise PhiconvertError(f"--target executorch: no llama_transformer name for the tensor {name}")
 
 
+@contextmanager
+def _named_steps() -> Iterator[None]:
+    """While export_llama runs, each LLMEdgeManager step in ``STEPS`` is a named step of the progress bar, and the
+    quantization counts the weights it has replaced."""
+    from executorch.extension.llm.export.builder import LLMEdgeManager
+
+    saved = {name: getattr(LLMEdgeManager, name) for name in STEPS}
+
+    def named(name: str, method: Any) -> Any:
+        def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+            progress.advance(0, None, what=STEPS[name])
+            if name != "source_transform":
+                return method(self, *args, **kwargs)
+            with _counting_quantized(self.model):
+                return method(self, *args, **kwargs)
+
+        return step
+
+    for name, method in saved.items():
+        setattr(LLMEdgeManager, name, named(name, method))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(LLMEdgeManager, name, method)
+
+
+@contextmanager
+def _counting_quantized(model: Any) -> Iterator[None]:
+    """Every second, how many of the model's linear and embedding weights torchao has replaced by its quantized
+    tensors (``quantize_`` swaps them one module at a time, and says nothing)."""
+    import threading
+
+    import torch
+
+    weighted = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(1.0):
+            done = sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter) for m in weighted)
+            if done:
+                progress.advance(done, len(weighted), "weights", STEPS["source_transform"])
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _export_llama(checkpoint: Path, params: Path, output: Path, settings: dict[str, Any], context: int,
                   metadata: dict[str, Any]) -> None:  # fmt: skip
     """ExecuTorch's own LLM export, configured as its XNNPACK recipes are (KV cache, SDPA with KV cache)."""
@@ -319,10 +384,6 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
     forward, meta = _program(artifact)
     tokenizer = AutoTokenizer.from_pretrained(artifact)
     context, chunk = int(meta["get_max_context_len"][0]), int(meta["get_max_seq_len"][0])
-    stop = frozenset(int(i) for i in meta["get_eos_ids"]) | frozenset(stops.stop_ids(artifact, tokenizer))
-
-    def prompt(messages: list[dict[str, str]]) -> list[int]:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
     def stream(ids: list[int], new_tokens: int, to_the_end: bool, sampling: Sampling) -> Iterator[int]:
         if len(ids) + new_tokens > context:
@@ -336,14 +397,7 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
             yield token
             logits, position = _step(forward, [token], position), position + 1
 
-    return Runtime(
-        prompt=prompt,
-        stream=stream,
-        decode=lambda _, new: tokenizer.decode(new, skip_special_tokens=True),
-        is_stop=stop.__contains__,
-        encode=lambda text: list(tokenizer(text)["input_ids"]),
-        context=context,
-    )
+    return hf_common.tokenizer_runtime(tokenizer, artifact, stream, context, stop_ids=meta["get_eos_ids"])
 
 
 def logits(artifact: Path, sequences: list[list[int]]) -> Logits:

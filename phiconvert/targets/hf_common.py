@@ -153,12 +153,9 @@ def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
 
 
 def model_runtime(model: Any, tokenizer: Any, artifact: Path) -> Runtime:
-    """A loaded transformers model as a Runtime: the artifact's chat template and stop ids, greedy decoding one
-    token at a time over the model's KV cache (pure argmax: no logits processor of generate() interferes)."""
+    """A loaded transformers model as a Runtime: greedy decoding one token at a time over the model's KV cache
+    (pure argmax: no logits processor of generate() interferes)."""
     import torch
-
-    def prompt(messages: list[dict[str, str]]) -> list[int]:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
     def stream(ids: list[int], new_tokens: int, to_the_end: bool, sampling: Sampling) -> Iterator[int]:
         past, step = None, torch.tensor([ids], device=model.device)
@@ -170,14 +167,24 @@ def model_runtime(model: Any, tokenizer: Any, artifact: Path) -> Runtime:
                 yield token
                 step = torch.tensor([[token]], device=model.device)
 
-    stop = frozenset(stops.stop_ids(artifact, tokenizer))
+    return tokenizer_runtime(tokenizer, artifact, stream, model.config.get_text_config().max_position_embeddings)
+
+
+def tokenizer_runtime(tokenizer: Any, artifact: Path, stream: Any, context: int, stop_ids: Any = ()) -> Runtime:
+    """A Runtime whose tokens come from ``stream`` and whose text side is a transformers tokenizer: the artifact's
+    chat template, decoding, and its stop ids (with ``stop_ids``, those a runtime's own metadata adds)."""
+
+    def prompt(messages: list[dict[str, str]]) -> list[int]:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+    stop = frozenset(stops.stop_ids(artifact, tokenizer)) | frozenset(int(i) for i in stop_ids)
     return Runtime(
         prompt=prompt,
         stream=stream,
         decode=lambda _, new: tokenizer.decode(new, skip_special_tokens=True),
         is_stop=stop.__contains__,
         encode=lambda text: list(tokenizer(text)["input_ids"]),
-        context=model.config.get_text_config().max_position_embeddings,
+        context=context,
     )
 
 
