@@ -104,7 +104,8 @@ class PrintedLines:
 
 
 def _tap_tqdm() -> None:
-    """Forward every tqdm bar's count (the innermost running bar wins, as it moves the most)."""
+    """Forward every tqdm bar's count (the innermost running bar wins, as it moves the most), except disabled ones,
+    which never count: torch.fx's interpreter opens one per graph pass (ExecuTorch's lowering) and leaves it at 0."""
     try:
         from tqdm import std
     except ImportError:
@@ -115,7 +116,7 @@ def _tap_tqdm() -> None:
         result = update(self, n)
         try:  # a tap must never break the toolchain it watches (disabled bars lack attributes)
             total, unit = getattr(self, "total", None), getattr(self, "unit", "it")
-            if total:
+            if total and not getattr(self, "disable", False):
                 advance(self.n, total, unit if unit != "it" else "steps", str(getattr(self, "desc", "")).strip(": "))
         except Exception:
             pass

@@ -204,6 +204,26 @@ def test_a_step_without_a_total_does_not_show_the_last_steps_total(monkeypatch):
     assert shown[1].startswith("  export · lowering: running, "), shown
 
 
+def test_toolchain_bars_are_forwarded_but_not_disabled_ones(monkeypatch):
+    """A tqdm bar's count reaches the parent; a disabled one (torch.fx's interpreter, once per graph pass of
+    ExecuTorch's lowering) would only ever say 0 of its nodes, and is left out."""
+    from tqdm import tqdm
+
+    from phiconvert import progress
+
+    events = []
+    monkeypatch.setattr(progress, "_send", events.append)
+    monkeypatch.setattr(tqdm, "update", tqdm.update)  # the tap's patch is undone after the test
+    progress._tap_tqdm()
+    for _ in tqdm(range(3), desc="layers", disable=True):
+        pass
+    with tqdm(total=502, disable=True) as bar:
+        bar.update(1)
+    with tqdm(total=3, desc="shards", mininterval=0) as bar:
+        bar.update(3)
+    assert [(e["what"], e["done"], e["total"]) for e in events] == [("shards", 3.0, 3.0)]
+
+
 def test_a_stage_with_no_progress_still_gets_a_line_in_a_log(monkeypatch):
     """A toolchain step that reports nothing (optimum-intel's torch export) is not silent in a log."""
     import io
