@@ -80,6 +80,18 @@ def test_the_pte_carries_what_a_phone_runner_needs(target_all):
     assert 4 < details["bits_per_weight"] < 8
 
 
+def test_a_prompt_as_long_as_the_context_is_prefilled_in_calls_the_program_takes(target_all):
+    """export_llama's program takes at most max_seq_len - 1 tokens per call: a 128-token prompt (the bundled
+    program's whole context) is two calls, not one the program refuses (found at real size by bench's 128 tokens)."""
+    from phiconvert.targets import GREEDY
+
+    runtime = executorch.open_runtime(Path(converted_by_all(target_all, "executorch", "8da4w")["output"]))
+    ids = runtime.encode(" ".join(["word"] * 200))[: runtime.context]
+    assert len(ids) == runtime.context == 128
+    assert list(runtime.stream(ids, 0, False, GREEDY)) == []
+    assert len(list(runtime.stream(ids[:100], 28, True, GREEDY))) == 28
+
+
 def test_a_context_past_the_original_is_refused_before_any_work(tmp_path):
     result = run_cli("--target", "executorch", "--max-context", "256", "--output", "o", cwd=tmp_path)
     assert result.returncode != 0 and not (tmp_path / "o").exists()
