@@ -459,6 +459,6 @@ TARGET = Target(
     check=lambda precision, options: _settings(precision, options) and None,
     refuse=refuse,
     # Phi-4-mini's shape, 2026-12-03: export 20.52 GiB (2.87x the bf16 bytes, at the end of torchao's quantization);
-    # the runtime not measured apart (the .pte is mapped, XNNPACK packs its weights once)
-    memory=Memory(export=(2.75, 1.0), runtime=(1.2, 1.0), window_logits=0),
+    # runtime 4.46 GiB for a 2.59 GiB .pte (the mapped program and XNNPACK's packed copy of its weights)
+    memory=Memory(export=(2.75, 1.0), runtime=(1.45, 1.0), window_logits=0),
 )
