@@ -52,10 +52,11 @@ PRECISIONS = {"8da4w": ("8da4w", "8,0"), "fp32": (None, None)}
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 32  # the 8da4w recipe of ExecuTorch's Llama and Phi-4-mini exports
 DEFAULT_CONTEXT = 4096  # KV cache length when the model's own context is longer (and not longrope)
-PREFILL = 128  # tokens one forward call takes at most (ExecuTorch's max_seq_length)
+PREFILL = 128  # ExecuTorch's max_seq_length: one forward call takes at most one token fewer
 LOGITS_ROWS = 64  # positions per yielded chunk of logits
 ROPE_TYPES = ("default", "longrope", "su")  # what llama_transformer's Hugging Face rope path computes exactly
 # runtime metadata methods the export bakes into the program (the demo apps' runners read them)
+METADATA = ("get_bos_id", "get_eos_ids", "get_max_context_len", "get_max_seq_len", "get_vocab_size")
 # LLMEdgeManager's steps, in the order export_llama calls them -> what the progress bar says while each runs (the
 # export reports no progress of its own; the quantization is counted from the weights it has replaced)
 STEPS = {
@@ -66,7 +67,6 @@ STEPS = {
     "to_executorch": "ExecuTorch program",
     "save_to_pte": "writing the .pte",
 }
-METADATA = ("get_bos_id", "get_eos_ids", "get_max_context_len", "get_max_seq_len", "get_vocab_size")
 
 # Hugging Face tensor (after "model.layers.N." for a layer's) -> llama_transformer's name
 TENSORS = {
