@@ -111,6 +111,8 @@ def _tap_tqdm() -> None:
     except ImportError:
         return
     update = std.tqdm.update
+    if getattr(update, "tapped", False):  # attached twice in one process: one event per update, not two
+        return
 
     def forwarding(self: Any, n: float = 1) -> Any:
         result = update(self, n)
@@ -122,6 +124,7 @@ def _tap_tqdm() -> None:
             pass
         return result
 
+    forwarding.tapped = True  # type: ignore[attr-defined]
     std.tqdm.update = forwarding
 
 
@@ -132,6 +135,8 @@ def _tap_rich() -> None:
     except ImportError:
         return
     update = rich_progress.Progress.update
+    if getattr(update, "tapped", False):
+        return
 
     def forwarding(self: Any, task_id: Any, **kwargs: Any) -> None:
         update(self, task_id, **kwargs)
@@ -143,6 +148,7 @@ def _tap_rich() -> None:
         except Exception:
             pass
 
+    forwarding.tapped = True  # type: ignore[attr-defined]
     rich_progress.Progress.update = forwarding
     rich_progress.Progress.advance = lambda self, task_id, advance=1: forwarding(  # type: ignore[method-assign]
         self, task_id, advance=advance

@@ -206,7 +206,8 @@ def test_a_step_without_a_total_does_not_show_the_last_steps_total(monkeypatch):
 
 def test_toolchain_bars_are_forwarded_but_not_disabled_ones(monkeypatch):
     """A tqdm bar's count reaches the parent; a disabled one (torch.fx's interpreter, once per graph pass of
-    ExecuTorch's lowering) would only ever say 0 of its nodes, and is left out."""
+    ExecuTorch's lowering) would only ever say 0 of its nodes, and is left out. Tapping twice in one process (an
+    earlier in-process run) still sends one event per update."""
     from tqdm import tqdm
 
     from phiconvert import progress
@@ -214,6 +215,7 @@ def test_toolchain_bars_are_forwarded_but_not_disabled_ones(monkeypatch):
     events = []
     monkeypatch.setattr(progress, "_send", events.append)
     monkeypatch.setattr(tqdm, "update", tqdm.update)  # the tap's patch is undone after the test
+    progress._tap_tqdm()
     progress._tap_tqdm()
     for _ in tqdm(range(3), desc="layers", disable=True):
         pass
