@@ -384,16 +384,17 @@ RUNS: dict[type, Callable[[Any, Send], dict[str, Any]]] = {
 
 
 def import_toolchain(job: Any) -> None:
-    """Import the job's toolchain before any model is loaded, from this long-lived frame.
+    """Import the target's ``import_first`` modules before any model is loaded, from this long-lived frame.
 
     A module that keeps an exception it caught while importing keeps its traceback's frames, and through them every
     frame the import ran under. gptqmodel 7.6 keeps llama_cpp's ImportError, and transformers imports it inside the
     first ``from_pretrained``: that call's frame, and the model it loaded, were never freed. The smoke test's model
-    stayed beside the comparison's (15.2 GiB instead of 7.6 for a GPTQ Phi-4-mini, measured 2026-12-04)."""
+    stayed beside the comparison's (15.2 GiB instead of 7.6 for a GPTQ Phi-4-mini, measured 2026-12-04). Only the
+    modules that need it: importing a whole toolchain first costs a bench or serve worker seconds (openvino: 4 s)."""
     from phiconvert import targets
 
     name = getattr(job, "target", "source")
-    for module in targets.load(name).modules if name != "source" else ():
+    for module in targets.load(name).import_first if name != "source" else ():
         try:
             importlib.import_module(module)
         except ImportError:

@@ -270,6 +270,9 @@ class Target:
     # name of a phiconvert-managed environment (`phiconvert setup NAME`) whose interpreter runs the worker
     # when this environment lacks the toolchain (its pins conflict with the main environment's)
     environment: str | None = None
+    # modules the worker imports from its own long-lived frame before any job loads a model: one that keeps an
+    # exception caught while importing keeps that traceback's frames, and the model of the call that first imported it
+    import_first: tuple[str, ...] = ()
 
     def listed(self) -> list[tuple[str, Precision]]:
         """Its precisions in the order help and tables show them: the default first."""

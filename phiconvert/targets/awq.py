@@ -114,4 +114,5 @@ TARGET = Target(
     options=(GROUP_SIZE, SYM, DEVICE),
     check=check,
     environment="gptq",
+    import_first=("gptqmodel",),  # 7.6 keeps llama_cpp's ImportError: see worker.import_toolchain
 )

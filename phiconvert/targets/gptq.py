@@ -175,4 +175,5 @@ TARGET = Target(
     ),
     check=check,
     environment="gptq",
+    import_first=("gptqmodel",),  # 7.6 keeps llama_cpp's ImportError: see worker.import_toolchain
 )
