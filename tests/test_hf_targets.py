@@ -230,6 +230,10 @@ def test_convert_end_to_end(target_all, target, precision):
     if target == "bnb":
         assert report["details"]["reload_check"]["reloaded_generates_same"]
         assert 4.4 < report["details"]["bits_per_weight"] < 4.6 or precision == "int8"
+        from bitsandbytes.functional import has_avx512bf16
+
+        bf16 = any("AVX512-BF16" in caveat for caveat in report["caveats"])
+        assert bf16 == (has_avx512bf16() and precision != "int8")  # the runtime's real compute path is said
 
 
 @pytest.mark.slow
