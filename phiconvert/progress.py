@@ -39,18 +39,20 @@ def stage(name: str) -> None:
     _stage["name"] = name
 
 
-def advance(done: float, total: float | None, unit: str = "", what: str = "") -> None:
-    """Report ``done`` of ``total`` ``unit`` for the current stage (``what``: the step inside it, if any)."""
+def advance(done: float, total: float | None, unit: str = "", what: str = "") -> bool:
+    """Report ``done`` of ``total`` ``unit`` for the current stage (``what``: the step inside it, if any); whether
+    it went (not within INTERVAL of the last one, unless it is the last of its count)."""
     now = time.monotonic()
     with _lock:
         if total and done < total and now - _last["time"] < INTERVAL:
-            return
+            return False
         _last["time"] = now
     total = float(total) if total else None  # toolchains count in numpy integers too
     event = {"stage": _stage["name"], "status": "progress", "done": float(done), "total": total, "unit": unit}
     if what:
         event["what"] = what
     _send(event)
+    return True
 
 
 def track(items: Iterable[T], total: int | None = None, unit: str = "", what: str = "") -> Iterator[T]:
@@ -105,27 +107,44 @@ class PrintedLines:
 
 def _tap_tqdm() -> None:
     """Forward every tqdm bar's count (the innermost running bar wins, as it moves the most), except disabled ones,
-    which never count: torch.fx's interpreter opens one per graph pass (ExecuTorch's lowering) and leaves it at 0."""
+    which never count: torch.fx's interpreter opens one per graph pass (ExecuTorch's lowering) and leaves it at 0.
+    A bar is forwarded from when it is drawn, not only from its first update: AutoRound's AWQ opens "Quantizing
+    model.layers.0" at 0 of 32 and takes minutes on that layer at real size (its description names the layer)."""
     try:
         from tqdm import std
     except ImportError:
         return
-    update = std.tqdm.update
-    if getattr(update, "tapped", False):  # attached twice in one process: one event per update, not two
+    update, refresh = std.tqdm.update, std.tqdm.refresh
+    if getattr(update, "tapped", False):  # attached twice in one process: one event per change, not two
         return
+
+    def forward(bar: Any) -> None:
+        try:  # a tap must never break the toolchain it watches (disabled bars lack attributes)
+            total, unit = getattr(bar, "total", None), getattr(bar, "unit", "it")
+            if not total or getattr(bar, "disable", False):
+                return
+            shown = (bar.n, total, str(getattr(bar, "desc", "")).strip(": "))
+            # update() refreshes too: one event per change; one held back by the rate limit goes with a later
+            # refresh (tqdm's monitor redraws a bar that has not moved for 10 s)
+            if getattr(bar, "_phiconvert_shown", None) != shown:
+                if advance(shown[0], total, unit if unit != "it" else "steps", shown[2]):
+                    bar._phiconvert_shown = shown
+        except Exception:
+            pass
 
     def forwarding(self: Any, n: float = 1) -> Any:
         result = update(self, n)
-        try:  # a tap must never break the toolchain it watches (disabled bars lack attributes)
-            total, unit = getattr(self, "total", None), getattr(self, "unit", "it")
-            if total and not getattr(self, "disable", False):
-                advance(self.n, total, unit if unit != "it" else "steps", str(getattr(self, "desc", "")).strip(": "))
-        except Exception:
-            pass
+        forward(self)
+        return result
+
+    def redrawing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = refresh(self, *args, **kwargs)
+        forward(self)
         return result
 
     forwarding.tapped = True  # type: ignore[attr-defined]
     std.tqdm.update = forwarding
+    std.tqdm.refresh = redrawing
 
 
 def _tap_rich() -> None:

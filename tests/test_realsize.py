@@ -214,7 +214,9 @@ def test_toolchain_bars_are_forwarded_but_not_disabled_ones(monkeypatch):
 
     events = []
     monkeypatch.setattr(progress, "_send", events.append)
-    monkeypatch.setattr(tqdm, "update", tqdm.update)  # the tap's patch is undone after the test
+    monkeypatch.setattr(progress, "INTERVAL", 0)  # every change, for the test: the rate limit is advance()'s
+    monkeypatch.setattr(tqdm, "update", tqdm.update)  # the tap's patches are undone after the test
+    monkeypatch.setattr(tqdm, "refresh", tqdm.refresh)
     progress._tap_tqdm()
     progress._tap_tqdm()
     for _ in tqdm(range(3), desc="layers", disable=True):
@@ -223,7 +225,14 @@ def test_toolchain_bars_are_forwarded_but_not_disabled_ones(monkeypatch):
         bar.update(1)
     with tqdm(total=3, desc="shards", mininterval=0) as bar:
         bar.update(3)
-    assert [(e["what"], e["done"], e["total"]) for e in events] == [("shards", 3.0, 3.0)]
+    with tqdm(total=32, desc="Quantizing model.layers.0") as bar:  # a slow first step: shown before any update
+        bar.set_description("Quantizing model.layers.1")
+    assert [(e["what"], e["done"], e["total"]) for e in events] == [
+        ("shards", 0.0, 3.0),
+        ("shards", 3.0, 3.0),
+        ("Quantizing model.layers.0", 0.0, 32.0),
+        ("Quantizing model.layers.1", 0.0, 32.0),
+    ]
 
 
 def test_a_stage_with_no_progress_still_gets_a_line_in_a_log(monkeypatch):
