@@ -141,19 +141,38 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
             f"verification runs {tokens} tokens ({', '.join(str(n) for _, n in windows)}) through the source and "
             f"each artifact: ~{minutes} min for the source alone on a 2-core CPU"
             + ("; --verify quick skips the long window" if len(windows) > len(verify.WINDOWS) else ""))})  # fmt: skip
-    estimates = []
+    estimates, notes = [], []
     for pair in pairs:
         estimates.append(estimate(pair.adapter, pair.precision, shape, windows, memory, disk))
+        notes.append(export_time_note(pair, shape))
         slow = pair.adapter.linux_cpu_speed
         if slow and sys.platform == "linux":
             seconds = shape.parameters * (tokens / slow[0] + smoke_tokens / slow[1])
             if seconds > 300:
-                emit({"stage": "plan", "status": "note", "message": (
-                    f"{pair.adapter.name} runs on this CPU at {slow[1] / shape.parameters:.2f} tokens/s for this "
-                    f"model (a backend for other hardware): its smoke test and verification take ~"
-                    f"{math.ceil(seconds / 60)} min; --verify none leaves the comparison out")})  # fmt: skip
+                notes.append(f"{pair.adapter.name} runs on this CPU at {slow[1] / shape.parameters:.2f} tokens/s for "
+                             f"this model (a backend for other hardware): its smoke test and verification take ~"
+                             f"{math.ceil(seconds / 60)} min; --verify none leaves the comparison out")  # fmt: skip
+    for note in dict.fromkeys(note for note in notes if note):  # once each: a target's precisions share some
+        emit({"stage": "plan", "status": "note", "message": note})
     return {"parameters": shape.parameters, "bf16_bytes": shape.bf16_bytes, "memory_available": memory,
             "disk_free": disk, "reference": reference, "windows": windows, "pairs": estimates}  # fmt: skip
+
+
+def export_time_note(pair: Any, shape: Shape) -> str | None:
+    """How long an export will take on a CPU, from its precision's measured speed, when that is more than a few
+    minutes: at its default settings only (other options change the work), not on a GPU."""
+    speed = pair.adapter.precisions[pair.precision].cpu_export_speed
+    chosen = {name for name, value in (pair.options or {}).items() if value not in (None, False)}
+    if not speed or chosen - {"device"} or (pair.options or {}).get("device") in ("cuda", "mps"):
+        return None
+    seconds = shape.parameters / speed
+    if seconds <= 300:
+        return None
+    took = f"~{seconds / 3600:.1f} h" if seconds > 5400 else f"~{math.ceil(seconds / 60)} min"
+    return (
+        f"{pair.adapter.name} {pair.precision}'s export takes {took} for this model on a 2-core CPU (measured on "
+        f"Phi-4-mini's shape); more cores shorten it"
+    )
 
 
 def largest_model(adapter: targets.Target, memory: int) -> int:

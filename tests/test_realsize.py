@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, checkpoint, leftovers, run_cli
 from test_verify import logits, short_factor_everywhere, windows
 
-from phiconvert import convert, preflight, progress, reference, source, verify
+from phiconvert import convert, preflight, progress, reference, source, targets, verify
 from phiconvert.source import FIXTURES
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -284,3 +284,21 @@ def test_plan_says_what_each_pair_needs_without_doing_any_work(tmp_path):
     assert all(p["memory"]["export"] > 0 and p["disk"] > 0 and p["refusal"] is None for p in plan["pairs"])
     assert "fits" in run_cli("--target", "gguf", "--plan", cwd=tmp_path).stderr  # the table goes with the stage lines
     assert leftovers(tmp_path) == []
+
+
+def test_an_export_that_takes_long_on_a_cpu_says_so_up_front():
+    """A calibrated export runs for half an hour (GPTQ) or hours (AWQ) on a laptop's CPU: the plan says how long
+    before it starts, at the default settings and off a GPU only (other settings change the work)."""
+    import types
+
+    phi4_mini = preflight.Shape(3_836_021_760, 200064, 3072, 0, 200064 * 3072)
+
+    def note(target: str, shape: preflight.Shape = phi4_mini, **options: object) -> str | None:
+        adapter = targets.load(target)
+        pair = types.SimpleNamespace(adapter=adapter, precision=adapter.default_precision, options=options)
+        return preflight.export_time_note(pair, shape)
+
+    assert "~6.1 h for this model on a 2-core CPU" in note("awq")
+    assert "~28 min" in note("gptq", device="cpu")
+    assert note("gptq", device="cuda") is None and note("gptq", group_size=64) is None
+    assert note("gguf") is None and note("awq", preflight.Shape(10**7, 32000, 256, 0, 32000 * 256)) is None

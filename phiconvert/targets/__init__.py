@@ -43,6 +43,9 @@ class Precision:
     # not yet a dependable deployment format: left out of `--target all` unless asked for by name or class,
     # marked in --help and in the report's caveats
     experimental: bool = False
+    # where its export takes tens of minutes or hours on a CPU: the weights per second it went through at its
+    # default settings, measured on a 2-core CPU at real size, so the run says up front how long it will take
+    cpu_export_speed: float | None = None
 
 
 @dataclass(frozen=True)
