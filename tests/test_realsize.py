@@ -302,3 +302,19 @@ def test_an_export_that_takes_long_on_a_cpu_says_so_up_front():
     assert "~28 min" in note("gptq", device="cpu")
     assert note("gptq", device="cuda") is None and note("gptq", group_size=64) is None
     assert note("gguf") is None and note("awq", preflight.Shape(10**7, 32000, 256, 0, 32000 * 256)) is None
+
+
+def test_the_smoke_tests_reply_is_counted_token_by_token(monkeypatch):
+    """A slow runtime's smoke test (mlx on a Linux CPU: 20 minutes for 48 tokens of Phi-4-mini) moves on screen."""
+    import types
+
+    events = []
+    monkeypatch.setattr(progress, "_send", events.append)
+    monkeypatch.setattr(progress, "INTERVAL", 0)
+    runtime = types.SimpleNamespace(prompt=lambda messages: [1, 2], stream=lambda ids, n, sample, how: iter([5, 6, 9]),
+                                    is_stop=lambda token: token == 9, decode=lambda ids, new: "hi")  # fmt: skip
+    reply = targets.reply(runtime, [{"role": "user", "content": "Hi"}], 48)
+    assert reply.stopped_at_eot and reply.tokens == 3
+    assert [(e["what"], e["done"], e["total"], e["unit"]) for e in events] == [
+        ("reply", done, 48.0, "tokens") for done in (0.0, 1.0, 2.0, 3.0)
+    ]
