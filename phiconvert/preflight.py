@@ -149,9 +149,14 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
         if slow and sys.platform == "linux":
             seconds = shape.parameters * (tokens / slow[0] + smoke_tokens / slow[1])
             if seconds > 300:
+                what = (
+                    ("its smoke test and verification take", "; --verify none leaves the comparison out")
+                    if tokens
+                    else ("its smoke test takes", "")
+                )
                 notes.append(f"{pair.adapter.name} runs on this CPU at {slow[1] / shape.parameters:.2f} tokens/s for "
-                             f"this model (a backend for other hardware): its smoke test and verification take ~"
-                             f"{math.ceil(seconds / 60)} min; --verify none leaves the comparison out")  # fmt: skip
+                             f"this model (a backend for other hardware): {what[0]} ~{math.ceil(seconds / 60)} min"
+                             f"{what[1]}")  # fmt: skip
     for note in dict.fromkeys(note for note in notes if note):  # once each: a target's precisions share some
         emit({"stage": "plan", "status": "note", "message": note})
     return {"parameters": shape.parameters, "bf16_bytes": shape.bf16_bytes, "memory_available": memory,
