@@ -174,9 +174,10 @@ def export_time_note(pair: Any, shape: Shape) -> str | None:
     if seconds <= 300:
         return None
     took = f"~{seconds / 3600:.1f} h" if seconds > 5400 else f"~{math.ceil(seconds / 60)} min"
+    gpu = " (or a GPU: --device)" if "device" in {option.name for option in pair.adapter.options} else ""
     return (
         f"{pair.adapter.name} {pair.precision}'s export takes {took} for this model on a 2-core CPU (measured on "
-        f"Phi-4-mini's shape); more cores shorten it"
+        f"Phi-4-mini's shape); more cores{gpu} shorten it"
     )
 
 
