@@ -149,14 +149,11 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
         if slow and sys.platform == "linux":
             seconds = shape.parameters * (tokens / slow[0] + smoke_tokens / slow[1])
             if seconds > 300:
-                what = (
-                    ("its smoke test and verification take", "; --verify none leaves the comparison out")
-                    if tokens
-                    else ("its smoke test takes", "")
-                )
+                took = f"~{math.ceil(seconds / 60)} min"
                 notes.append(f"{pair.adapter.name} runs on this CPU at {slow[1] / shape.parameters:.2f} tokens/s for "
-                             f"this model (a backend for other hardware): {what[0]} ~{math.ceil(seconds / 60)} min"
-                             f"{what[1]}")  # fmt: skip
+                             "this model (a backend for other hardware): "
+                             + (f"its smoke test and verification take {took}; --verify none leaves the comparison "
+                                "out" if tokens else f"its smoke test takes {took}"))  # fmt: skip
     for note in dict.fromkeys(note for note in notes if note):  # once each: a target's precisions share some
         emit({"stage": "plan", "status": "note", "message": note})
     return {"parameters": shape.parameters, "bf16_bytes": shape.bf16_bytes, "memory_available": memory,
@@ -166,9 +163,9 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
 def export_time_note(pair: Any, shape: Shape) -> str | None:
     """How long an export will take on a CPU, from its precision's measured speed, when that is more than a few
     minutes: at its default settings only (other options change the work), not on a GPU."""
-    speed = pair.adapter.precisions[pair.precision].cpu_export_speed
-    chosen = {name for name, value in (pair.options or {}).items() if value not in (None, False)}
-    if not speed or chosen - {"device"} or (pair.options or {}).get("device") in ("cuda", "mps"):
+    speed, options = pair.adapter.precisions[pair.precision].cpu_export_speed, pair.options or {}
+    chosen = {name for name, value in options.items() if value not in (None, False)}
+    if not speed or chosen - {"device"} or options.get("device") in ("cuda", "mps"):
         return None
     seconds = shape.parameters / speed
     if seconds <= 300:
