@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -403,10 +404,13 @@ def import_toolchain(job: Any) -> None:
 
 def main() -> None:
     stream = os.fdopen(os.dup(1), "w")
+    lock = threading.Lock()  # progress comes from other threads too (file watchers, tqdm's monitor): whole lines
 
     def send(event: Event) -> None:
-        stream.write(json.dumps(event) + "\n")
-        stream.flush()
+        line = json.dumps(event) + "\n"
+        with lock:
+            stream.write(line)
+            stream.flush()
 
     os.dup2(2, 1)  # library chatter, native included, goes to the log, not into our event stream
     sys.stdout = sys.stderr
