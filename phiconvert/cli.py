@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -40,7 +41,16 @@ from phiconvert.report import table as side_by_side
 from phiconvert.worker import versions
 from phiconvert.workers import PACKAGE_ROOT
 
-EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a service manager, `timeout`) as an interruption: the same unwinding as Ctrl-C, which stops
+    the worker and removes the staging folder, where the default action would leave both behind."""
+
+
+def terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def gib(n: float | None) -> str:
@@ -601,13 +611,15 @@ def main(argv: list[str] | None = None) -> None:
         "eval": run_eval,
     }
     run = commands.get(argv[0]) if argv else None
+    signal.signal(signal.SIGTERM, terminated)
     try:
         code = run(argv[1:]) if run else run_convert(argv)
     except PhiconvertError as error:
         code, message = EXIT_ERROR, str(error)
         report = error.report if isinstance(error, VerificationFailed) else None
-    except KeyboardInterrupt:
-        code, message, report = EXIT_INTERRUPTED, "interrupted; nothing was written", None
+    except KeyboardInterrupt as stop:
+        code = EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+        message, report = f"{'terminated' if code == EXIT_TERMINATED else 'interrupted'}; nothing was written", None
     else:
         sys.exit(code)
     if report is not None:  # what was measured says why it failed: the table, and with --json the whole report

@@ -108,7 +108,10 @@ def test_json_error_is_machine_readable(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_export_leaves_nothing(tmp_path):
+@pytest.mark.parametrize(("group", "sig", "code", "word"), [(True, signal.SIGINT, 130, "interrupted"),
+                                                           (False, signal.SIGTERM, 143, "terminated")])  # fmt: skip
+def test_ctrl_c_or_kill_during_export_leaves_nothing(tmp_path, group, sig, code, word):
+    """Ctrl-C sends SIGINT to the whole foreground group; `kill PID` sends SIGTERM to the one process."""
     process = subprocess.Popen(
         [sys.executable, "-m", "phiconvert", "--output", "out"],
         cwd=tmp_path,
@@ -122,9 +125,9 @@ def test_ctrl_c_during_export_leaves_nothing(tmp_path):
     while not list(tmp_path.glob(".out.phiconvert-*/work-*/openvino.log")) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(3)  # well inside the export
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
+    (os.killpg if group else os.kill)(process.pid, sig)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "error: interrupted; nothing was written"
+    assert process.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"error: {word}; nothing was written"
     assert "Traceback" not in err
     assert leftovers(tmp_path) == []
