@@ -322,10 +322,8 @@ def command_line(model: str, pair: Pair, calibration: str | None) -> str:
     parts = ["phiconvert", model, "--target", pair.target, "--precision", pair.precision]
     for option in pair.adapter.options:
         value = (pair.options or {}).get(option.name)
-        if isinstance(value, bool):
-            parts.append(option.flag if value else f"--{option.off}" if option.off else f"--no-{option.flag[2:]}")
-        elif value is not None:
-            parts += [option.flag, str(value)]
+        if value is not None:
+            parts += option.spelled(value)
     return shlex.join(parts + (["--calibration", calibration] if calibration is not None else []))
 
 

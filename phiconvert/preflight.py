@@ -162,20 +162,35 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
 
 def export_time_note(pair: Any, shape: Shape) -> str | None:
     """How long an export will take on a CPU, from its precision's measured speed, when that is more than a few
-    minutes: at its default settings only (other options change the work), not on a GPU."""
-    speed, options = pair.adapter.precisions[pair.precision].cpu_export_speed, pair.options or {}
+    minutes: at its default settings, or at the faster ones it declares (other options change the work), not on a
+    GPU. At the default settings the faster ones are named with their time."""
+    precision, options = pair.adapter.precisions[pair.precision], pair.options or {}
+    faster, speed = precision.cpu_faster, precision.cpu_export_speed
+    if faster and all(options.get(name) == value for name, value in faster[0].items()):
+        speed, options = faster[1], {k: v for k, v in options.items() if k not in faster[0]}
+        faster = None
     chosen = {name for name, value in options.items() if value not in (None, False)}
     if not speed or chosen - {"device"} or options.get("device") in ("cuda", "mps"):
         return None
     seconds = shape.parameters / speed
     if seconds <= 300:
         return None
-    took = f"~{seconds / 3600:.1f} h" if seconds > 5400 else f"~{math.ceil(seconds / 60)} min"
     gpu = " (or a GPU: --device)" if "device" in {option.name for option in pair.adapter.options} else ""
-    return (
-        f"{pair.adapter.name} {pair.precision}'s export takes {took} for this model on a 2-core CPU (measured on "
-        f"Phi-4-mini's shape); more cores{gpu} shorten it"
+    flags = {option.name: option for option in pair.adapter.options}
+    quicker = (
+        f"; {' '.join(w for name, value in faster[0].items() for w in flags[name].spelled(value))} takes "
+        f"{took(shape.parameters / faster[1])} at some fidelity cost"
+        if faster
+        else ""
     )
+    return (
+        f"{pair.adapter.name} {pair.precision}'s export takes {took(seconds)} for this model on a 2-core CPU "
+        f"(measured on Phi-4-mini's shape); more cores{gpu} shorten it{quicker}"
+    )
+
+
+def took(seconds: float) -> str:
+    return f"~{seconds / 3600:.1f} h" if seconds > 5400 else f"~{math.ceil(seconds / 60)} min"
 
 
 def largest_model(adapter: targets.Target, memory: int) -> int:

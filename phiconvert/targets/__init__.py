@@ -47,6 +47,9 @@ class Precision:
     # where its export takes tens of minutes or hours on a CPU: the weights per second it went through at its
     # default settings, measured on a 2-core CPU at real size, so the run says up front how long it will take
     cpu_export_speed: float | None = None
+    # the settings that make that export faster at some fidelity cost, and the speed measured with them: the run
+    # names them beside the time (awq's --no-clip)
+    cpu_faster: tuple[dict[str, Any], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,12 @@ class Option:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    def spelled(self, value: Any) -> list[str]:
+        """The command-line words that set this option to ``value``."""
+        if isinstance(value, bool):
+            return [self.flag if value else f"--{self.off or 'no-' + self.flag[2:]}"]
+        return [self.flag, str(value)]
 
     def only(self, *precisions: str) -> Option:
         return replace(self, precisions=precisions)

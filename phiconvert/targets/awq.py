@@ -14,12 +14,29 @@ import re
 from typing import Any
 
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import DEVICE, GROUP_SIZE, SYM, ExportJob, Precision, Signature, Target, hf_common
+from phiconvert.targets import (
+    DEVICE,
+    GROUP_SIZE,
+    SYM,
+    ExportJob,
+    Memory,
+    Option,
+    Precision,
+    Signature,
+    Target,
+    hf_common,
+)
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
 SEQUENCE_LENGTH = 512  # calibration chunk length (tokens)
 MAX_SAMPLES = 128
+CLIP = Option("clip", "search a clipping range per weight group after scaling (default; --no-clip: scaling only, "
+              "about half the CPU time)", bool)  # fmt: skip
+DEFAULT_CLIP = True  # AutoAWQ's default: on the four bundled models it lowered KL by 5-42% against scaling alone
+# Calibration tokens per linear layer in the clip search, whose cost is linear in them: AutoAWQ takes 512, which
+# made the search 83% of a layer's time on a CPU; with 128 (and 64) the bundled models' KL was the same as with 512
+CLIP_TOKENS = 128
 
 
 def settings(options: dict[str, Any], inputs: tuple[int, ...] = ()) -> dict[str, Any]:
@@ -29,7 +46,8 @@ def settings(options: dict[str, Any], inputs: tuple[int, ...] = ()) -> dict[str,
     if options.get("group_size") and group_size not in GROUP_SIZES:
         raise PhiconvertError(f"--group-size for awq must be one of {', '.join(map(str, GROUP_SIZES))}")
     # AWQ's usual form is asymmetric (a zero point per group); --sym stores no zero points
-    return {"bits": 4, "group_size": group_size, "sym": bool(options.get("sym"))}
+    clip = DEFAULT_CLIP if options.get("clip") is None else bool(options["clip"])
+    return {"bits": 4, "group_size": group_size, "sym": bool(options.get("sym")), "clip": clip}
 
 
 def check(precision: str, options: dict[str, Any]) -> None:
@@ -48,13 +66,15 @@ def export(job: ExportJob) -> dict[str, Any]:
     chunks = hf_common.calibration_chunks(tokenizer, job.calibration, SEQUENCE_LENGTH, MAX_SAMPLES)
     with _Skipped() as skipped:
         config, layers = hf_common.autoround(job, tokenizer, chunks, "auto_awq", scheme="W4A16",
-                                             alg_configs=AWQConfig(apply_clip=True), bits=4,
+                                             alg_configs=AWQConfig(apply_clip=chosen["clip"],
+                                                                     clip_n_sample_token=CLIP_TOKENS), bits=4,
                                              group_size=chosen["group_size"], sym=chosen["sym"],
                                              device_map=device)  # fmt: skip
     not_converted = config.get("modules_to_not_convert") or []
     return {
-        "method": "awq (AutoRound: scale + clip search, then round-to-nearest)",
-        "settings": {k: config.get(k) for k in ("bits", "group_size", "zero_point", "version")} | {"device": device},
+        "method": f"awq (AutoRound: scale{' + clip' if chosen['clip'] else ''} search, then round-to-nearest)",
+        "settings": {k: config.get(k) for k in ("bits", "group_size", "zero_point", "version")}
+        | {"clip": chosen["clip"], "clip_tokens": CLIP_TOKENS if chosen["clip"] else None, "device": device},
         "group_size_note": hf_common.group_size_note(chosen["group_size"], DEFAULT_GROUP_SIZE, job.options, inputs),
         "calibration": {"chunks": len(chunks), "tokens_per_chunk": len(chunks[0])},
         "kept_in_float16": ["model.embed_tokens", *not_converted, "norms"],
@@ -65,7 +85,7 @@ def export(job: ExportJob) -> dict[str, Any]:
         "caveats": [
             f"AWQ scaling not applied after {len(skipped.layers)} layers "
             f"({', '.join(sorted({name.rsplit('.', 1)[-1] for name in skipped.layers}))}): the layers they feed are "
-            "clipped and rounded only"
+            f"{'clipped and ' if chosen['clip'] else ''}rounded only"
         ]
         if skipped.layers
         else [],
@@ -103,7 +123,10 @@ TARGET = Target(
             "AWQ 4-bit, asymmetric, group 128 by default (--group-size 32/64/128, --sym)",
             bits=4.2,
             bound="int4",
-            cpu_export_speed=1.75e5,  # Phi-4-mini's shape, 2 cores, 2026-12-04: 684 s for the first of 32 layers
+            # Phi-4-mini's shape, 2 cores, 2026-12-06: 150 s per decoder layer with the clip search (two layers
+            # timed), 1693 s for the whole export without it
+            cpu_export_speed=7.8e5,
+            cpu_faster=({"clip": False}, 2.27e6),
         ),
     },
     signature=Signature(quant_method="awq"),
@@ -114,7 +137,11 @@ TARGET = Target(
     export=export,
     open=hf_common.open_runtime,
     logits=hf_common.logits,
-    options=(GROUP_SIZE, SYM, DEVICE),
+    # measured 2026-12-06, Phi-4-mini int4 --no-clip (bf16 7.15 GiB, nominal artifact 1.88 GiB): export 10.26 GiB
+    # (2.1 in the first layers: AutoRound's model grows as its layers are quantized), smoke test 8.76 GiB, logits
+    # 8.58 GiB (gptqmodel's CPU kernel, as gptq's)
+    memory=Memory(export=(1.3, 1.0), runtime=(3.6, 2.0), window_logits=0),
+    options=(GROUP_SIZE, SYM, CLIP, DEVICE),
     check=check,
     environment="gptq",
     import_first=("gptqmodel",),  # 7.6 keeps llama_cpp's ImportError: see worker.import_toolchain
