@@ -179,9 +179,11 @@ def export(job: ExportJob) -> dict[str, Any]:
     eos = stops.stop_ids(job.source, tokenizer)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos[0]
     # ExecuTorch's Llama2Model takes a checkpoint whose path contains "int8" or "8da4w" for a pre-quantized one:
-    # ours goes where no such name is (job.work is named after the precision)
-    with tempfile.TemporaryDirectory(prefix="phiconvert-checkpoint-") as scratch:
-        if any(mark in scratch for mark in ("int8", "8da4w")):
+    # ours (the whole model, 7 GiB for Phi-4-mini) goes beside job.work, which is named after the precision, on the
+    # output's disk that the pre-flight checked; where the output's own name has such a mark, in TMPDIR
+    beside = None if _marked(str(job.work.parent)) else job.work.parent
+    with tempfile.TemporaryDirectory(prefix="phiconvert-checkpoint-", dir=beside) as scratch:
+        if _marked(scratch):
             raise PhiconvertError(f"the temporary folder {scratch} contains 'int8' or '8da4w', which ExecuTorch's "
                                   "export reads as a pre-quantized checkpoint: set TMPDIR elsewhere")  # fmt: skip
         checkpoint, params, weights = _checkpoint(job.source, config, Path(scratch))
@@ -215,6 +217,10 @@ def _caveats(config: dict[str, Any], context: int) -> list[str]:
 def _rope_kind(config: dict[str, Any]) -> str:
     scaling = config.get("rope_scaling") or {}
     return scaling.get("type") or scaling.get("rope_type") or "default"
+
+
+def _marked(path: str) -> bool:
+    return any(mark in path for mark in ("int8", "8da4w"))
 
 
 def _checkpoint(source: Path, config: dict[str, Any], work: Path) -> tuple[Path, Path, int]:
