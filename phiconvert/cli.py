@@ -7,6 +7,7 @@ Also `phiconvert doctor` (this machine, its default target, each toolchain's sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,21 @@ class Terminated(KeyboardInterrupt):
 
 def terminated(signum: int, frame: Any) -> None:
     raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises Terminated while a command runs; the handler before is put back after, so ``main`` called
+    inside another program (a test, a host application) leaves its handler as it was. Only the main thread may set
+    handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def gib(n: float | None) -> str:
@@ -611,9 +627,9 @@ def main(argv: list[str] | None = None) -> None:
         "eval": run_eval,
     }
     run = commands.get(argv[0]) if argv else None
-    signal.signal(signal.SIGTERM, terminated)
     try:
-        code = run(argv[1:]) if run else run_convert(argv)
+        with sigterm_unwinds():
+            code = run(argv[1:]) if run else run_convert(argv)
     except PhiconvertError as error:
         code, message = EXIT_ERROR, str(error)
         report = error.report if isinstance(error, VerificationFailed) else None
