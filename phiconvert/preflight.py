@@ -175,14 +175,12 @@ def export_time_note(pair: Any, shape: Shape) -> str | None:
     seconds = shape.parameters / speed
     if seconds <= 300:
         return None
-    gpu = " (or a GPU: --device)" if "device" in {option.name for option in pair.adapter.options} else ""
-    flags = {option.name: option for option in pair.adapter.options}
-    quicker = (
-        f"; {' '.join(w for name, value in faster[0].items() for w in flags[name].spelled(value))} takes "
-        f"{took(shape.parameters / faster[1])} at some fidelity cost"
-        if faster
-        else ""
-    )
+    declared = {option.name: option for option in pair.adapter.options}
+    gpu = " (or a GPU: --device)" if "device" in declared else ""
+    quicker = ""
+    if faster:
+        words = [word for name, value in faster[0].items() for word in declared[name].spelled(value)]
+        quicker = f"; {' '.join(words)} takes {took(shape.parameters / faster[1])} at some fidelity cost"
     return (
         f"{pair.adapter.name} {pair.precision}'s export takes {took(seconds)} for this model on a 2-core CPU "
         f"(measured on Phi-4-mini's shape); more cores{gpu} shorten it{quicker}"

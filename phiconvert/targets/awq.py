@@ -32,7 +32,7 @@ DEFAULT_GROUP_SIZE = 128
 SEQUENCE_LENGTH = 512  # calibration chunk length (tokens)
 MAX_SAMPLES = 128
 CLIP = Option("clip", "search a clipping range per weight group after scaling (default; --no-clip: scaling only, "
-              "about half the CPU time)", bool)  # fmt: skip
+              "about a third of the CPU time)", bool)  # fmt: skip
 DEFAULT_CLIP = True  # AutoAWQ's default: on the four bundled models it lowered KL by 5-42% against scaling alone
 # Calibration tokens per linear layer in the clip search, whose cost is linear in them: AutoAWQ takes 512, which
 # made the search 83% of a layer's time on a CPU; with 128 (and 64) the bundled models' KL was the same as with 512
