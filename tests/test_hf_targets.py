@@ -220,6 +220,23 @@ def test_torchao_untied_copy_loads_with_its_own_head(tmp_path):
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
 
 
+def test_load_source_reads_without_a_map_and_keeps_the_end_of_turn_ids(tmp_path):
+    """The exports' pread load gives transformers' own model, weights and generation config (the end-of-turn id
+    list, which a model built from its config alone would lose), from the untied copy's links and head file too."""
+    from transformers import AutoModelForCausalLM
+
+    from phiconvert.targets import hf_common, torchao
+
+    folder = torchao.untied_copy(checkpoint(tmp_path, "tiny-phi4mini"), tmp_path)
+    ours = hf_common.load_source(folder, dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert type(ours) is type(theirs)
+    expected = theirs.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in ours.state_dict().items())
+    assert ours.generation_config.eos_token_id == theirs.generation_config.eos_token_id
+    assert isinstance(ours.generation_config.eos_token_id, list)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("target", "precision"), [("bnb", "nf4"), ("bnb", "fp4"), ("bnb", "int8"), ("torchao", "8da4w")]

@@ -45,7 +45,7 @@ def export(job: ExportJob) -> dict[str, Any]:
 
     config = quantization_config(job.precision)
     # the unquantized tensors (embeddings, norms, LM head) keep the source's dtype
-    model = AutoModelForCausalLM.from_pretrained(job.source, quantization_config=config, device_map="cpu").eval()
+    model = hf_common.load_source(job.source, quantization_config=config, device_map="cpu").eval()
     model.save_pretrained(job.output)
     hf_common.hub_layout_config(job.output)
     hf_common.copy_support_files(job.source, job.output)

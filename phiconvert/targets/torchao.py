@@ -89,10 +89,9 @@ def untied_copy(source: Path, work: Path) -> Path:
 
 def export(job: ExportJob) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM
 
     chosen = settings(job.options)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = hf_common.load_source(
         untied_copy(job.source, job.work),
         dtype=torch.float32,
         device_map="cpu",
