@@ -169,13 +169,13 @@ def export_time_note(pair: Any, shape: Shape) -> str | None:
     if faster and all(options.get(name) == value for name, value in faster[0].items()):
         speed, options = faster[1], {k: v for k, v in options.items() if k not in faster[0]}
         faster = None
-    chosen = {name for name, value in options.items() if value not in (None, False)}
+    declared = {option.name: option for option in pair.adapter.options}
+    chosen = {name for name, value in options.items() if value not in (None, False, declared[name].default)}
     if not speed or chosen - {"device"} or options.get("device") in ("cuda", "mps"):
         return None
     seconds = shape.parameters / speed
     if seconds <= 300:
         return None
-    declared = {option.name: option for option in pair.adapter.options}
     gpu = " (or a GPU: --device)" if "device" in declared else ""
     quicker = ""
     if faster:

@@ -64,6 +64,7 @@ class Option:
     choices: tuple[Any, ...] = ()
     off: str | None = None  # bool: the flag that sets False, when not --no-<flag>
     precisions: tuple[str, ...] = ()  # the precisions it applies to; empty: all of the target's
+    default: Any = None  # the value the target takes when the option is not given, where it is one fixed value
 
     @property
     def flag(self) -> str:
