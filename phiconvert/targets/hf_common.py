@@ -98,6 +98,8 @@ def load_source(folder: Path, **settings: Any) -> Any:
         # a state dict goes to the model's class: AutoModel deep-copies its keywords, which lazy tensors refuse
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         model = model_class.from_pretrained(None, config=config, state_dict=state, **settings)
+    model.name_or_path = model.config.name_or_path = str(folder)  # as from_pretrained(folder) records it (not "None":
+    # AutoRound looks a model's name up on the Hub when it is not a folder)
     if (folder / "generation_config.json").exists():  # the end-of-turn ids, which the config alone does not carry
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model
@@ -132,7 +134,10 @@ def autoround(
 
     # token tensors, not strings: AutoRound silently drops text samples shorter than its sequence length
     dataset = [torch.tensor([ids]) for ids in chunks]
-    rounder = AutoRound(str(job.source), tokenizer=tokenizer, dataset=dataset, nsamples=len(chunks),
+    # the model read without a memory map (load_source), not the folder: AutoRound frees each block once it is
+    # quantized and saved, which returns memory only for pages the process owns
+    model = load_source(job.source, dtype="auto")
+    rounder = AutoRound(model, tokenizer=tokenizer, dataset=dataset, nsamples=len(chunks),
                         seqlen=len(chunks[0]), enable_torch_compile=False, **settings)  # fmt: skip
     built = job.work / fmt
     rounder.quantize_and_save(str(built), format=fmt)
