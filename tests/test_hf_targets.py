@@ -237,6 +237,21 @@ def test_load_source_reads_without_a_map_and_keeps_the_end_of_turn_ids(tmp_path)
     assert isinstance(ours.generation_config.eos_token_id, list)
 
 
+@pytest.mark.parametrize("fixture", ["tiny-llama", "tiny-qwen", "tiny-phi3", "tiny-phi4mini"])
+def test_load_source_is_from_pretrained_on_every_architecture(fixture):
+    """Every bundled architecture (Qwen's projection biases, tied and untied heads) loads as from_pretrained does."""
+    from transformers import AutoModelForCausalLM
+
+    folder = source.FIXTURES / fixture
+    ours = hf_common.load_source(folder, dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    expected = theirs.state_dict()
+    assert type(ours) is type(theirs) and ours.state_dict().keys() == expected.keys()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in ours.state_dict().items())
+    tied = ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    assert tied == theirs.config.tie_word_embeddings
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("target", "precision"), [("bnb", "nf4"), ("bnb", "fp4"), ("bnb", "int8"), ("torchao", "8da4w")]

@@ -98,8 +98,8 @@ def load_source(folder: Path, **settings: Any) -> Any:
         # a state dict goes to the model's class: AutoModel deep-copies its keywords, which lazy tensors refuse
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         model = model_class.from_pretrained(None, config=config, state_dict=state, **settings)
-    model.name_or_path = model.config.name_or_path = str(folder)  # as from_pretrained(folder) records it (not "None":
-    # AutoRound looks a model's name up on the Hub when it is not a folder)
+    # named by its folder, as from_pretrained(folder) names it: AutoRound looks up on the Hub a name that is not one
+    model.name_or_path = model.config.name_or_path = str(folder)
     if (folder / "generation_config.json").exists():  # the end-of-turn ids, which the config alone does not carry
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model
