@@ -73,10 +73,11 @@ def artifact_bytes(adapter: targets.Target, precision: str, shape: Shape) -> int
     return int(shape.parameters * adapter.precisions[precision].bits / 8)
 
 
-def stage_bytes(adapter: targets.Target, precision: str, shape: Shape, longest_window: int) -> dict[str, int]:
+def stage_bytes(adapter: targets.Target, precision: str, shape: Shape, longest_window: int,
+                options: dict[str, Any] | None = None) -> dict[str, int]:  # fmt: skip
     """Peak bytes of the export (scaled by the source) and of the artifact's runtime (scaled by the artifact, plus
-    its verification logits)."""
-    memory = adapter.memory
+    its verification logits), with the run's ``options`` (some change the work)."""
+    memory = adapter.memory_for(options or {})
     export = memory.export[0] * shape.bf16_bytes + memory.export[1] * GiB
     export += memory.tensor_copies * shape.largest_tensor * 4
     runtime = memory.runtime[0] * artifact_bytes(adapter, precision, shape) + memory.runtime[1] * GiB
@@ -97,10 +98,10 @@ def available_memory() -> int:
 
 
 def estimate(adapter: targets.Target, precision: str, shape: Shape, windows: list[tuple[int, int]],
-             memory: int, disk: int) -> dict[str, Any]:  # fmt: skip
+             memory: int, disk: int, options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Peak memory of each stage and the disk one pair needs, and why this machine cannot run it (or None)."""
     longest = max((length for _, length in windows), default=0)
-    needs = stage_bytes(adapter, precision, shape, longest)
+    needs = stage_bytes(adapter, precision, shape, longest, options)
     if not windows:
         needs.pop("verification")
     out: dict[str, Any] = {"target": adapter.name, "precision": precision, "memory": needs,
@@ -143,7 +144,7 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
             + ("; --verify quick skips the long window" if len(windows) > len(verify.WINDOWS) else ""))})  # fmt: skip
     estimates, notes = [], []
     for pair in pairs:
-        estimates.append(estimate(pair.adapter, pair.precision, shape, windows, memory, disk))
+        estimates.append(estimate(pair.adapter, pair.precision, shape, windows, memory, disk, pair.options))
         notes.append(export_time_note(pair, shape))
         slow = pair.adapter.linux_cpu_speed
         if slow and sys.platform == "linux":

@@ -286,6 +286,21 @@ def test_plan_says_what_each_pair_needs_without_doing_any_work(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_an_option_that_changes_the_work_is_planned_with_its_own_memory():
+    """gptq quantizes one layer from disk at a time, --method autoround tunes the whole model held in memory: Phi-4
+    (27.3 GiB in bf16) fits the first on a 24 GiB machine and is refused the second before any work."""
+    phi4 = preflight.Shape(14_659_507_200, 100352, 5120, 0, 100352 * 5120)
+    gptq = targets.load("gptq")
+
+    def export(**options: object) -> dict:
+        return preflight.estimate(gptq, "int4", phi4, [], 24 * preflight.GiB, 10**12, options)
+
+    assert export()["refusal"] is None and export(method="gptq")["refusal"] is None
+    refused = export(method="autoround", iters=10)
+    assert refused["memory"]["export"] > export()["memory"]["export"] + 10 * preflight.GiB
+    assert refused["refusal"].startswith("gptq int4 needs ~30.") and "for its export" in refused["refusal"]
+
+
 def test_an_export_that_takes_long_on_a_cpu_says_so_up_front():
     """A calibrated export runs for half an hour (GPTQ) or hours (AWQ) on a laptop's CPU: the plan says how long
     before it starts, at the default settings and off a GPU only (other settings change the work)."""

@@ -274,8 +274,11 @@ class Target:
     # options, beyond its architecture's profile (a rope scaling the toolchain lacks, ...), or None
     refuse: Callable[[dict[str, Any], dict[str, Any]], str | None] | None = None
     # peak memory per stage, for the pre-flight check; a target not yet measured at real size assumes the source's
-    # bf16 bytes once plus 1 GiB (gptq, awq: see docs/realsize.md)
+    # bf16 bytes once plus 1 GiB (docs/realsize.md has what each measured)
     memory: Memory = Memory(export=(1.0, 1.0), runtime=(1.0, 1.0))
+    # where an option changes the work (gptq --method autoround): (those option values, the Memory measured with
+    # them); the first whose values the run's options all have replaces ``memory``
+    memory_when: tuple[tuple[dict[str, Any], Memory], ...] = ()
     # where the runtime is far slower on a Linux CPU than the others (a backend meant for other hardware): its
     # measured (prompt, generation) speed in weights x tokens per second, so the run says up front how long the
     # smoke test and verification will take
@@ -295,6 +298,11 @@ class Target:
         """Its precisions in the order help and tables show them: the default first."""
         first = self.default_precision
         return [(first, self.precisions[first]), *((p, d) for p, d in self.precisions.items() if p != first)]
+
+    def memory_for(self, options: dict[str, Any]) -> Memory:
+        """The declared peak memory for a run with these options."""
+        matching = (m for values, m in self.memory_when if all(options.get(k) == v for k, v in values.items()))
+        return next(matching, self.memory)
 
     def smoke(self, artifact: Path, messages: list[dict[str, str]], max_new_tokens: int) -> Smoke:
         """The greedy chat reply in the runtime's exact mode: verification's smoke test."""
