@@ -297,7 +297,7 @@ def convert_pair(
     )
     started = time.perf_counter()
     try:
-        result = run_worker(pair.python, job, work, pair.target, emit)
+        result = run_target_workers(pair, job, work, emit)
         built = timed_stage(emit, "verify", _report, src, pair, artifact, reference, result, work, skipped_windows)
     except PhiconvertError as error:
         # "ended": the worker's stage that failed sent no "done"; the display stops showing it as running
@@ -314,6 +314,17 @@ def convert_pair(
         emit({"stage": "convert", "status": "note", "message": f"✗ {error}"})
         return {**row, "status": "failed", "error": error, "report": built, "folder": artifact}
     return {**row, "status": "passed", "report": built, "folder": artifact}
+
+
+def run_target_workers(pair: Pair, job: TargetJob, work: Path, emit: Progress) -> dict[str, Any]:
+    """The pair's worker; for a target whose export keeps memory its runtime's stages would run beside
+    (``Target.export_apart``), the export in one worker and the smoke test and comparison in a fresh one."""
+    if not pair.adapter.export_apart:
+        return run_worker(pair.python, job, work, pair.target, emit)
+    exported = run_worker(pair.python, replace(job, stages=("export",)), work, pair.target, emit)
+    verified = run_worker(pair.python, replace(job, stages=("verify",)), work, pair.target, emit)
+    return {"result": {**exported["result"], **verified["result"]}, "stages": exported["stages"] + verified["stages"],
+            "peak_rss": max(exported["peak_rss"], verified["peak_rss"])}  # fmt: skip
 
 
 def command_line(model: str, pair: Pair, calibration: str | None) -> str:

@@ -42,6 +42,8 @@ class TargetJob:
     sequences: list[list[int]] | None  # the reference's windows (None: no verification)
     source_logprobs: list[str] | None  # one file per window
     positions_out: str  # folder for positions-I.npz
+    # what this worker runs: both, or one each for a target whose export runs apart (Target.export_apart)
+    stages: tuple[str, ...] = ("export", "verify")
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,8 @@ def compare_artifact(target: Any, output: Path, job: TargetJob) -> None:
 
 
 def run_target(job: TargetJob, send: Send) -> dict[str, Any]:
-    """Export, smoke-test and (unless told not to) compare the artifact's logits, in the target's runtime."""
+    """Export, smoke-test and (unless told not to) compare the artifact's logits, in the target's runtime (those of
+    ``job.stages``: the export, the verification or both)."""
     from dataclasses import asdict
 
     from phiconvert.targets import ExportJob, load
@@ -177,9 +178,13 @@ def run_target(job: TargetJob, send: Send) -> dict[str, Any]:
         calibration_given=job.calibration_given,
         model_id=job.model_id,
     )
-    details = timed_stage(send, "export", target.export, export_job)
+    result: dict[str, Any] = {"versions": versions(target.packages)}
+    if "export" in job.stages:
+        result["details"] = timed_stage(send, "export", target.export, export_job)
+    if "verify" not in job.stages:
+        return result
     smoke = timed_stage(send, "smoke test", target.smoke, output, job.messages, job.max_new_tokens)
-    result: dict[str, Any] = {"details": details, "smoke": asdict(smoke), "versions": versions(target.packages)}
+    result["smoke"] = asdict(smoke)
     if job.sequences:
         timed_stage(send, "artifact logits", compare_artifact, target, output, job)
     return result

@@ -6,6 +6,7 @@ benches here; its numbers are checked against the fidelity bounds again from rep
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 
@@ -164,3 +165,28 @@ def test_a_failing_pair_is_reported_and_the_others_go_on(tmp_path, monkeypatch, 
     assert status == {"gguf": ("failed", "gguf: llama.cpp crashed (simulated)"), "ort-genai": ("passed", None)}
     assert leftovers(tmp_path / "both") == ["ort-genai-int4", "report.html", "report.json"]
     assert "simulated" in (tmp_path / "both" / "report.html").read_text()
+
+
+def test_a_target_whose_export_keeps_memory_is_verified_in_a_fresh_worker(monkeypatch, tmp_path):
+    """ExecuTorch's export_llama holds its memory after it returns: the .pte is loaded and compared by a second
+    worker, and the run's report joins the two; other targets run in one."""
+    jobs = []
+
+    def worker(python, job, work, label, emit):
+        jobs.append((job.target, tuple(job.stages)))
+        ran = {"export": {"details": {"bits": 5}}, "verify": {"smoke": {"text": "hi"}}}
+        result = {"versions": {"x": "1"}} | {k: v for stage in job.stages for k, v in ran[stage].items()}
+        stages = [{"stage": stage, "seconds": 1.0, "peak_rss": 10} for stage in job.stages]
+        return {"result": result, "stages": stages, "peak_rss": 20 if "export" in job.stages else 5}
+
+    monkeypatch.setattr(pipeline, "run_worker", worker)
+    job = TargetJob("executorch", "8da4w", {}, "src", "out", "work", [], False, "m", [], 8, None, None, "pos")
+    pair = pipeline.Pair("executorch", "8da4w", targets.load("executorch"))
+    run = pipeline.run_target_workers(pair, job, tmp_path, lambda event: None)
+    assert jobs == [("executorch", ("export",)), ("executorch", ("verify",))]
+    assert run["result"] == {"versions": {"x": "1"}, "details": {"bits": 5}, "smoke": {"text": "hi"}}
+    assert [s["stage"] for s in run["stages"]] == ["export", "verify"] and run["peak_rss"] == 20
+    jobs.clear()
+    gguf = dataclasses.replace(job, target="gguf", precision="q4_k_m")
+    pipeline.run_target_workers(pipeline.Pair("gguf", "q4_k_m", targets.load("gguf")), gguf, tmp_path, print)
+    assert jobs == [("gguf", ("export", "verify"))]

@@ -290,6 +290,9 @@ class Target:
     # name of a phiconvert-managed environment (`phiconvert setup NAME`) whose interpreter runs the worker
     # when this environment lacks the toolchain (its pins conflict with the main environment's)
     environment: str | None = None
+    # its export runs in a worker of its own and the smoke test and comparison in a fresh one: its toolchain keeps
+    # memory after the export that the runtime's stages would otherwise run beside
+    export_apart: bool = False
     # modules the worker imports from its own long-lived frame before any job loads a model: one that keeps an
     # exception caught while importing keeps that traceback's frames, and the model of the call that first imported it
     import_first: tuple[str, ...] = ()

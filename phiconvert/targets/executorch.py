@@ -465,7 +465,11 @@ TARGET = Target(
     ),  # fmt: skip
     check=lambda precision, options: _settings(precision, options) and None,
     refuse=refuse,
-    # Phi-4-mini's shape, 2026-12-03: export 20.52 GiB (2.87x the bf16 bytes, at the end of torchao's quantization);
-    # runtime 4.46 GiB for a 2.59 GiB .pte (the mapped program and XNNPACK's packed copy of its weights)
-    memory=Memory(export=(2.75, 1.0), runtime=(1.45, 1.0), window_logits=0),
+    # Phi-4-mini's shape: export 20.52 GiB on 2026-12-03, 22.12-22.42 GiB on 2026-12-06 (3.14x the bf16 bytes, at
+    # the end of torchao's quantization; the lowering 17.5-21 GiB); runtime 4.71 GiB for a 2.59 GiB .pte in a fresh
+    # worker (the mapped program and XNNPACK's packed copy of its weights)
+    memory=Memory(export=(3.0, 1.2), runtime=(1.5, 1.1), window_logits=0),
+    # export_llama's memory is still held after it returns (the smoke test after it read 21.12 GiB where the .pte
+    # alone loads at 4.46: docs/realsize.md), so the .pte is loaded and compared in a fresh worker
+    export_apart=True,
 )
