@@ -9,6 +9,7 @@ the worker runs in the managed environment `phiconvert setup gptq` creates (phic
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from phiconvert.errors import PhiconvertError
@@ -122,6 +123,11 @@ def export_autoround(job: ExportJob) -> dict[str, Any]:
     }
 
 
+# measured 2026-12-04, Phi-4-mini int4 (bf16 7.15 GiB, nominal artifact 1.88 GiB): export 4.92 GiB, one layer in
+# memory at a time (linear in the size here, which overstates a larger model); runtime 7.5 GiB (the float32
+# embedding, and gptqmodel's CPU kernel repacks the int4 weights on the first forward, keeping both)
+MEMORY = Memory(export=(0.55, 1.0), runtime=(3.0, 2.0), window_logits=0)
+
 TARGET = Target(
     name="gptq",
     extra="gptq",
@@ -156,14 +162,11 @@ TARGET = Target(
     export=export,
     open=hf_common.open_runtime,
     logits=hf_common.logits,
-    # measured 2026-12-04, Phi-4-mini int4 (bf16 7.15 GiB, nominal artifact 1.88 GiB): export 4.92 GiB, one layer in
-    # memory at a time (linear in the size here, which overstates a larger model); runtime 7.5 GiB (the float32
-    # embedding, and gptqmodel's CPU kernel repacks the int4 weights on the first forward, keeping both)
-    memory=Memory(export=(0.55, 1.0), runtime=(3.0, 2.0), window_logits=0),
+    memory=MEMORY,
     # --method autoround hands AutoRound the whole bf16 model (hf_common.autoround), which tunes it block by block
     # on 128 x 512 tokens: 10.65 GiB at the first block, measured 2026-12-06 on the same shape over its first three
     # blocks (then stopped: ~300 s per block, ~2.7 h for the model on 2 cores); the artifact and its runtime are gptq's
-    memory_when=(({"method": "autoround"}, Memory(export=(1.0, 3.6), runtime=(3.0, 2.0), window_logits=0)),),
+    memory_when=(({"method": "autoround"}, replace(MEMORY, export=(1.0, 3.6))),),
     options=(
         GROUP_SIZE,
         SYM,
