@@ -88,6 +88,22 @@ PROFILES = {
 }
 
 
+# Fused linears (Phi-3's) -> the linears they hold, in the order of their output rows (``fused_rows``)
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fused_rows(config: dict[str, Any], fused: str) -> list[int]:
+    """The output rows of each linear a fused one holds (``FUSED[fused]``): q, k, v by head counts; gate, up."""
+    if fused == "mlp.gate_up_proj":
+        return [config["intermediate_size"]] * 2
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    return [config["num_attention_heads"] * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+
+
 def architecture_of(config: dict[str, Any]) -> str:
     architectures = config.get("architectures") or []
     return architectures[0] if architectures else f"model_type={config.get('model_type')}"

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from phiconvert import progress, stops
+from phiconvert import archs, progress, stops
 from phiconvert.errors import PhiconvertError
 from phiconvert.targets import (
     GROUP_SIZE,
@@ -86,12 +86,6 @@ TENSORS = {
     "mlp.up_proj.weight": "feed_forward.w3.weight",
     "mlp.down_proj.weight": "feed_forward.w2.weight",
 }
-# fused Hugging Face tensors (Phi-3) -> the unfused ones they hold, in order ("qkv": split by head counts)
-FUSED = {
-    "self_attn.qkv_proj.weight": ("qkv", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                          "self_attn.v_proj.weight")),
-    "mlp.gate_up_proj.weight": ("halves", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
-}  # fmt: skip
 # config.json key -> llama_transformer's ModelArgs field (params.json)
 PARAMS = {
     "hidden_size": "dim",
@@ -265,16 +259,11 @@ def _renamed(name: str, tensor: Any, config: dict[str, Any]) -> Iterator[tuple[s
     """llama_transformer's (name, tensor) pairs for one Hugging Face tensor (two or three for a fused one)."""
     layer = re.match(r"model\.layers\.(\d+)\.(.+)", name)
     prefix, rest = (f"layers.{layer[1]}.", layer[2]) if layer else ("", name)
-    if rest in FUSED:
-        how, parts = FUSED[rest]
-        if how == "qkv":
-            head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-            q, kv = config["num_attention_heads"] * head, config["num_key_value_heads"] * head
-            pieces = tensor.split([q, kv, kv])
-        else:
-            pieces = tensor.chunk(2)
-        for part, piece in zip(parts, pieces, strict=True):
-            yield prefix + TENSORS[part], piece
+    linear, _, kind = rest.rpartition(".")
+    if linear in archs.FUSED:  # Phi-3's fused linears: llama_transformer has the parts
+        pieces = tensor.split(archs.fused_rows(config, linear))
+        for part, piece in zip(archs.FUSED[linear], pieces, strict=True):
+            yield prefix + TENSORS[f"{part}.{kind}"], piece
     elif rest in TENSORS:
         yield prefix + TENSORS[rest], tensor
     else:
