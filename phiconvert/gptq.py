@@ -269,6 +269,17 @@ def _pack_rows(values: Any, bits: int) -> Any:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+def unpack_rows(words: Any, bits: int) -> Any:
+    """The inverse of ``_pack_rows`` for 2, 4 and 8 bits (whole values per word): (count * bits / 32, ...) int32
+    words to (count, ...) int64 values."""
+    import torch
+
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64).reshape(1, per, *[1] * (words.dim() - 1))
+    values = (words.to(torch.int64).unsqueeze(1) >> shifts) & (2**bits - 1)
+    return values.reshape(words.shape[0] * per, *words.shape[1:])
+
+
 def pack(ints: Any, scales: Any, zeros: Any, g_idx: Any, chosen: Settings) -> Packed:
     import torch
 
@@ -303,36 +314,14 @@ def quantize_rows(tensor: Any, chosen: Settings, rows: int = 16384) -> Packed:
     )
 
 
+PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
 def save(source: Path, output: Path, packed: dict[str, Packed], chosen: Settings,
          overrides: dict[str, Settings] | None = None, leave_out: tuple[str, ...] = ()) -> None:  # fmt: skip
-    """Write model.safetensors (packed layers; every other tensor of the source in float16, but ``leave_out``) and
-    config.json; ``overrides``: layers quantized with other settings than ``chosen`` (gptqmodel's ``dynamic``)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for file in sorted(source.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                layer = name.rsplit(".", 1)[0]
-                if name in leave_out:
-                    continue
-                if layer in packed and name.endswith(".weight"):
-                    for part in ("qweight", "qzeros", "scales", "g_idx"):
-                        tensors[f"{layer}.{part}"] = getattr(packed[layer], part)
-                else:
-                    tensor = handle.get_tensor(name)
-                    tensors[name] = tensor.half() if tensor.is_floating_point() else tensor
-    for layer in set(packed) - {name.rsplit(".", 1)[0] for name in tensors}:  # a tied model's quantized LM head
-        if layer != "lm_head":
-            raise PhiconvertError(f"quantized layer {layer} is not in the source weights")
-        for part in ("qweight", "qzeros", "scales", "g_idx"):
-            tensors[f"{layer}.{part}"] = getattr(packed[layer], part)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(output / "model.safetensors"), {"format": "pt"})
-    config = json.loads((source / "config.json").read_text())
-    config["torch_dtype"] = "float16"
-    config.pop("dtype", None)
-    config["quantization_config"] = {
+    """Write a GPTQ (v1) checkpoint: ``overrides``: layers quantized with other settings than ``chosen``
+    (gptqmodel's ``dynamic``)."""
+    config = {
         "quant_method": "gptq",
         "bits": chosen.bits,
         "group_size": chosen.group_size,
@@ -345,7 +334,41 @@ def save(source: Path, output: Path, packed: dict[str, Packed], chosen: Settings
         "meta": {"quantizer": [f"phiconvert:{__version__}"]},
     }
     if overrides:
-        config["quantization_config"]["dynamic"] = {
+        config["dynamic"] = {
             f"+:{re.escape(layer)}": {"bits": s.bits, "group_size": s.group_size} for layer, s in overrides.items()
         }
+    layers = {layer: {f"{layer}.{part}": getattr(p, part) for part in PARTS} for layer, p in packed.items()}
+    write_checkpoint(source, output, layers, config, leave_out)
+
+
+def write_checkpoint(source: Path, output: Path, layers: dict[str, dict[str, Any]], quantization_config: dict,
+                     leave_out: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Write model.safetensors (in place of each quantized layer of the source, the tensors ``layers`` names for
+    it; every other tensor of the source in float16, but ``leave_out``) and config.json with
+    ``quantization_config``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for file in sorted(source.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                layer = name.rsplit(".", 1)[0]
+                seen.add(layer)
+                if name in leave_out:
+                    continue
+                if layer in layers and name.endswith(".weight"):
+                    tensors |= layers[layer]
+                else:
+                    tensor = handle.get_tensor(name)
+                    tensors[name] = tensor.half() if tensor.is_floating_point() else tensor
+    for layer in set(layers) - seen:  # a tied model's quantized LM head
+        if layer != "lm_head":
+            raise PhiconvertError(f"quantized layer {layer} is not in the source weights")
+        tensors |= layers[layer]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(output / "model.safetensors"), {"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["torch_dtype"] = "float16"
+    config.pop("dtype", None)
+    config["quantization_config"] = quantization_config
     (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
