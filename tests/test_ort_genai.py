@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import FIXTURE_NAMES, ROOT, leftovers, stage, whole
 
@@ -241,3 +242,40 @@ def test_a_vocabulary_the_head_packs_into_is_quantized_by_phiconvert_and_read_by
     assert prequantized["lm_head_bits"] == 8 and "lm_head" in prequantized["layers_at_8_bits"]
     assert weights["/lm_head/MatMulNBits"] == "int8" and weights["/model/embed_tokens/GatherBlockQuantized"] == "int8"
     assert report["fidelity"]["worst_kl"] < 0.002  # measured 7.5e-4
+
+
+@pytest.mark.parametrize(("bits", "sym"), [(4, False), (4, True), (8, False)])
+def test_the_olive_layout_is_what_onnx_runtimes_matmulnbits_computes_with(bits, sym):
+    """phiconvert hands the builder its quantized layers in Olive's layout, which the builder only reshapes into
+    MatMulNBits' inputs: run those bytes through ONNX Runtime's own kernel and get the dequantized weight's
+    product. Three groups per row (a padded zero-point byte at 4 bits) and slices of 8 outputs."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from phiconvert import gptq
+    from phiconvert.targets import ort_genai
+
+    group, inputs, outputs = 32, 96, 24
+    chosen = gptq.Settings(bits=bits, group_size=group, sym=sym, desc_act=False)
+    weight = torch.randn(outputs, inputs, generator=torch.Generator().manual_seed(bits))
+    dequantized, ints, scales, zeros, g_idx = gptq.quantize_weight(weight, None, chosen, rtn=True)
+    layer = ort_genai.olive_layer(gptq.pack(ints, scales, zeros, g_idx, chosen), bits, rows=8)
+    blocks = inputs // group
+    initializers = [
+        numpy_helper.from_array(layer["qweight"].reshape(outputs, blocks, -1).numpy(), "B"),
+        numpy_helper.from_array(layer["scales"].float().reshape(-1).numpy(), "scales"),
+        numpy_helper.from_array(layer["qzeros"].reshape(-1).numpy(), "zero_points"),
+    ]
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zero_points"], ["y"], domain="com.microsoft",
+                            K=inputs, N=outputs, bits=bits, block_size=group, accuracy_level=0)  # fmt: skip
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, size]) for n, size in (("x", inputs), ("y", outputs))]
+    graph = helper.make_graph([node], "olive", io[:1], io[1:], initializers)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    x = torch.randn(2, inputs, generator=torch.Generator().manual_seed(0))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x.numpy()})
+    assert layer["qzeros"].shape == (outputs, -(-blocks * bits // 8))
+    assert np.allclose(y, (x @ dequantized.T).numpy(), atol=1e-4)
+    assert not np.allclose(y, (x @ weight.T).numpy(), atol=1e-4)  # the check sees the quantization

@@ -5,8 +5,9 @@ start). Given a float checkpoint, it builds the whole graph in float32 and then 
 three times the bf16 weights in memory, which killed a Phi-4-mini conversion at 23 GiB. So int4 and int8 go the
 builder's other way: phiconvert quantizes the decoder layers itself, one layer in memory at a time (GPTQ on the
 calibration text for int4, with llama.cpp's and the builder's mixed int8 layers; round-to-nearest for int8), writes
-a GPTQ checkpoint, and the builder packs that into MatMulNBits directly, quantizing only the LM head itself. The
-builder's own quantizers stay available (``--int4-algo rtn|k_quant|k_quant_mixed``) for models that fit.
+the quantized checkpoint in the builder's Olive layout (MatMulNBits' own bytes, which the builder only reshapes),
+and the builder assembles the graph around them. The builder's own quantizers stay available
+(``--int4-algo rtn|k_quant|k_quant_mixed``) for models that fit.
 
 Two builder traps are refused before it runs: it takes any Linear layer with vocab_size outputs for the LM head,
 and ONNX Runtime's CPU attention kernel needs half the rotary dimension to be a multiple of 8.
@@ -207,9 +208,10 @@ def mixed_layers(count: int) -> list[int]:
 
 
 def prequantize(job: ExportJob, settings: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """The source's decoder layers quantized by phiconvert, one layer in memory at a time, as a GPTQ checkpoint in
-    job.work for the builder: int4 by GPTQ on the calibration text (``gptq_mixed``: the mixed layers' attention
-    and down projections at 8 bits), int8 by round-to-nearest. Same blocks and zero points as the builder's."""
+    """The source's decoder layers quantized by phiconvert, one layer in memory at a time, as a checkpoint in the
+    builder's Olive layout in job.work: int4 by GPTQ on the calibration text (``gptq_mixed``: the mixed layers'
+    attention and down projections at 8 bits), int8 by round-to-nearest. Same blocks and zero points as the
+    builder's."""
     from transformers import AutoTokenizer
 
     from phiconvert import gptq
@@ -249,7 +251,16 @@ def prequantize(job: ExportJob, settings: dict[str, Any], config: dict[str, Any]
     overrides |= {"lm_head": head} if head and head != chosen else {}
     # an int4 graph reads a tied embedding from the quantized head (GatherBlockQuantized): no float copy needed
     leave_out = (f"{source.embedding.name}",) if tied and head and bits == 4 else ()
-    gptq.save(job.source, folder, packed, chosen, overrides, leave_out)
+    layers, olive_overrides = {}, {}
+    for name in list(packed):  # each layer converted and its GPTQ packing dropped, one at a time
+        its = overrides.get(name, chosen)
+        linears = split_fused(name, olive_layer(packed.pop(name), its.bits), config)
+        layers[name] = {f"{linear}.{kind}": t for linear, parts in linears.items() for kind, t in parts.items()}
+        if name in overrides:
+            olive_overrides |= dict.fromkeys(linears, {"bits": its.bits, "group_size": its.group_size})
+    olive_config = {"quant_method": "olive", "bits": chosen.bits, "group_size": chosen.group_size,
+                    "overrides": olive_overrides}  # fmt: skip
+    gptq.write_checkpoint(job.source, folder, layers, olive_config, leave_out)
     hf_common.copy_support_files(job.source, folder)
     return {
         "folder": folder,
@@ -259,6 +270,55 @@ def prequantize(job: ExportJob, settings: dict[str, Any], config: dict[str, Any]
         "relative_output_error": error,
         "calibration": None if rtn else {"chunks": len(chunks), "tokens_per_chunk": len(chunks[0])},
     }
+
+
+def olive_layer(packed: Any, bits: int, rows: int = 16384) -> dict[str, Any]:
+    """One layer of phiconvert's GPTQ packing in the builder's Olive layout: ONNX Runtime's MatMulNBits bytes
+    with each output row's blocks side by side (qweight (out, in * bits / 8) uint8, scales (out, groups), zero
+    points (out, groups * bits / 8 rounded up) uint8; the first value in the low bits), which the builder only
+    reshapes. Its GPTQ loader instead unpacks every value to int64, dequantizes and requantizes: 9.8 GB at once
+    for Phi-4-mini's 8-bit LM head (200064 x 3072), the peak of the whole export. A slice of ``rows`` outputs at a
+    time, so the head is never unpacked whole here either."""
+    import torch
+
+    from phiconvert import gptq
+
+    maxq, outputs, parts = 2**bits - 1, packed.scales.shape[1], {"qweight": [], "scales": [], "qzeros": []}
+    for start in range(0, outputs, rows):
+        end = min(start + rows, outputs)
+        ints = gptq.unpack_rows(packed.qweight[:, start:end], bits)  # (in, n)
+        stored = gptq.unpack_rows(packed.qzeros[:, start * bits // 32 : end * bits // 32].T, bits)  # (n, groups)
+        parts["qweight"].append(_pack_bytes(ints.T, bits))
+        parts["qzeros"].append(_pack_bytes((stored + 1) & maxq, bits))  # GPTQ v1 stores zero - 1
+        parts["scales"].append(packed.scales[:, start:end].T)
+    return {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
+
+
+def split_fused(name: str, tensors: dict[str, Any], config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The linears a fused one (Phi-3's qkv_proj, gate_up_proj) holds, each with its rows of ``tensors``; any other
+    layer as it is. The builder (onnxruntime-genai 0.18) splits a fused linear's Olive zero points at a packed row
+    count (q_size // 2 at 4 bits, where Olive's rows are not packed), and ONNX Runtime then refuses the graph; given
+    the parts, it fuses q, k and v itself, as it does from a GPTQ checkpoint."""
+    from phiconvert import archs
+
+    fused = next((linear for linear in archs.FUSED if name.endswith(f".{linear}")), None)
+    if fused is None:
+        return {name: tensors}
+    base, rows = name.removesuffix(fused), archs.fused_rows(config, fused)
+    pieces = {kind: tensor.split(rows) for kind, tensor in tensors.items()}
+    return {base + part: {kind: pieces[kind][i].contiguous() for kind in tensors}
+            for i, part in enumerate(archs.FUSED[fused])}  # fmt: skip
+
+
+def _pack_bytes(values: Any, bits: int) -> Any:
+    """(..., m) unsigned ``bits``-bit integers to (..., ceil(m * bits / 8)) uint8, the first value in the lowest
+    bits: MatMulNBits' packing of weights and zero points (a row's last byte padded with zeros)."""
+    import torch
+
+    per = 8 // bits
+    padded = torch.nn.functional.pad(values, (0, -values.shape[-1] % per))
+    grouped = padded.reshape(*values.shape[:-1], -1, per)
+    return (grouped << torch.arange(0, 8, bits, dtype=torch.int64)).sum(-1).to(torch.uint8)
 
 
 def ensure_end_of_turn(artifact: Path) -> list[int]:
@@ -503,7 +563,7 @@ TARGET = Target(
             "4-bit GPTQ layer by layer, asymmetric, blocks of 32; LM head and the k-quant-mixed layers at 8 bits",
             bits=4.6,
             bound="int4",
-            cpu_export_speed=2.2e6,  # Phi-4-mini's shape, 2 cores, 2026-12-02: 1728 s (GPTQ, then the builder)
+            cpu_export_speed=3.4e6,  # Phi-4-mini's shape, 2 cores, 2026-12-07: 1140 s (GPTQ, then the builder)
         ),
         "int8": Precision("8-bit weights, blocks of 32", bits=8.5, bound="int8"),
         "fp16": Precision("float16 weights and activations, for --ep cuda or dml", bits=16, bound="fp16"),
@@ -519,7 +579,8 @@ TARGET = Target(
     logits=logits,
     options=OPTIONS,
     check=lambda precision, options: settings_for(precision, options) and None,
-    # measured 2026-12-02, Phi-4-mini int4: export 16.0 GiB (the builder holds the packed graph, a protobuf copy
-    # and its quantizer's), smoke test and logits 7.0 GiB
-    memory=Memory(export=(2.1, 1.0), runtime=(2.0, 2.7)),
+    # int4 export measured 2026-12-07 with the builder given the Olive layout: Phi-4-mini's shape 7.97 GiB (7.15 GiB
+    # bf16), Phi-4's 22.53 GiB (27.3 GiB bf16; prequantized by round-to-nearest, the builder's step the same): the
+    # builder holds the quantized graph and a protobuf copy of it. Smoke test and logits 6.76 GiB (Phi-4-mini)
+    memory=Memory(export=(0.72, 2.9), runtime=(2.0, 2.7)),
 )
