@@ -302,7 +302,8 @@ def quantize_rows(tensor: Any, chosen: Settings, rows: int = 16384) -> Packed:
     from phiconvert import weights
 
     parts = []
-    for start in range(0, tensor.shape[0], rows):
+    slices = range(0, tensor.shape[0], rows)
+    for start in progress.track(slices, unit="row slices", what="round-to-nearest"):
         weight = weights.read_torch(tensor, slice(start, min(start + rows, tensor.shape[0])))
         _, ints, scales, zeros, g_idx = quantize_weight(weight, None, chosen, rtn=True)
         parts.append(pack(ints, scales, zeros, g_idx, chosen))

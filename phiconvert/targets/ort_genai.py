@@ -252,7 +252,7 @@ def prequantize(job: ExportJob, settings: dict[str, Any], config: dict[str, Any]
     # an int4 graph reads a tied embedding from the quantized head (GatherBlockQuantized): no float copy needed
     leave_out = (f"{source.embedding.name}",) if tied and head and bits == 4 else ()
     layers, olive_overrides = {}, {}
-    for name in list(packed):  # each layer converted and its GPTQ packing dropped, one at a time
+    for name in progress.track(list(packed), unit="linears", what="Olive layout"):  # GPTQ's packing dropped as it goes
         its = overrides.get(name, chosen)
         linears = split_fused(name, olive_layer(packed.pop(name), its.bits), config)
         layers[name] = {f"{linear}.{kind}": t for linear, parts in linears.items() for kind, t in parts.items()}
@@ -260,6 +260,7 @@ def prequantize(job: ExportJob, settings: dict[str, Any], config: dict[str, Any]
             olive_overrides |= dict.fromkeys(linears, {"bits": its.bits, "group_size": its.group_size})
     olive_config = {"quant_method": "olive", "bits": chosen.bits, "group_size": chosen.group_size,
                     "overrides": olive_overrides}  # fmt: skip
+    progress.advance(0, None, what="writing the checkpoint")
     gptq.write_checkpoint(job.source, folder, layers, olive_config, leave_out)
     hf_common.copy_support_files(job.source, folder)
     return {
