@@ -1,6 +1,6 @@
 """GPTQ, written out in plain torch: quantize a model's linear layers one decoder layer at a time, and pack them
-in the GPTQ checkpoint layout (qweight / qzeros / scales / g_idx) that transformers + gptqmodel, vLLM and the ONNX
-Runtime GenAI model builder read.
+in the GPTQ checkpoint layout (qweight / qzeros / scales / g_idx) that transformers + gptqmodel and vLLM read (the
+ort-genai target repacks it into the ONNX Runtime GenAI model builder's Olive layout).
 
 Written here rather than borrowed: AutoRound writes GPTQ-format files but runs SignRound and cannot order columns
 by activation (``desc_act``), and gptqmodel splits Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` when saving,
@@ -14,7 +14,6 @@ layer and the calibration activations whatever the model's size. Round-to-neares
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,10 +317,8 @@ def quantize_rows(tensor: Any, chosen: Settings, rows: int = 16384) -> Packed:
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def save(source: Path, output: Path, packed: dict[str, Packed], chosen: Settings,
-         overrides: dict[str, Settings] | None = None, leave_out: tuple[str, ...] = ()) -> None:  # fmt: skip
-    """Write a GPTQ (v1) checkpoint: ``overrides``: layers quantized with other settings than ``chosen``
-    (gptqmodel's ``dynamic``)."""
+def save(source: Path, output: Path, packed: dict[str, Packed], chosen: Settings) -> None:
+    """Write a GPTQ (v1) checkpoint of ``packed``, every layer quantized with ``chosen``."""
     config = {
         "quant_method": "gptq",
         "bits": chosen.bits,
@@ -334,12 +331,8 @@ def save(source: Path, output: Path, packed: dict[str, Packed], chosen: Settings
         "lm_head": "lm_head" in packed,
         "meta": {"quantizer": [f"phiconvert:{__version__}"]},
     }
-    if overrides:
-        config["dynamic"] = {
-            f"+:{re.escape(layer)}": {"bits": s.bits, "group_size": s.group_size} for layer, s in overrides.items()
-        }
     layers = {layer: {f"{layer}.{part}": getattr(p, part) for part in PARTS} for layer, p in packed.items()}
-    write_checkpoint(source, output, layers, config, leave_out)
+    write_checkpoint(source, output, layers, config)
 
 
 def write_checkpoint(source: Path, output: Path, layers: dict[str, dict[str, Any]], quantization_config: dict,
