@@ -87,6 +87,44 @@ def untied_copy(source: Path, work: Path) -> Path:
     return folder
 
 
+def save(model: Any, output: Path) -> None:
+    """What ``model.save_pretrained(output)`` writes, one shard per decoder layer and per other module.
+
+    transformers flattens torchao's tensors for safetensors all at once, and torchao's flattening clones each tensor
+    it flattens: 4.6 GiB beside the 5.3 GiB quantized model on Phi-4-mini's shape. Flattened a shard at a time, the
+    clones are one layer's. Every shard carries the whole model's metadata, as transformers' own shards do: its
+    loader merges the files' metadata and rebuilds each tensor from the names listed there."""
+    import re
+
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    output.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    shards: dict[str, list[str]] = {}
+    for name in state:
+        layer = re.match(r"(.*\.layers\.\d+)\.", name)
+        shards.setdefault(layer.group(1) if layer else name.rsplit(".", 1)[0], []).append(name)
+    metadata = {"format": "pt"}
+    for names in shards.values():  # the metadata first (each shard's clones dropped at once): every file carries it
+        metadata |= flatten_tensor_state_dict({name: state[name] for name in names})[1]
+    metadata["tensor_names"] = json.dumps(list(state))
+    weight_map, total = {}, 0
+    for number, names in enumerate(shards.values(), 1):
+        data = flatten_tensor_state_dict({name: state[name] for name in names})[0]
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(data, str(output / file), metadata=metadata)
+        weight_map |= dict.fromkeys(data, file)
+        total += sum(tensor.nbytes for tensor in data.values())
+        del data
+    index = {"metadata": {"total_parameters": model.num_parameters(), "total_size": total}, "weight_map": weight_map}
+    (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    model.config.dtype = str(model.dtype).removeprefix("torch.")
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(output)
+    model.generation_config.save_pretrained(output)
+
+
 def export(job: ExportJob) -> dict[str, Any]:
     import torch
 
@@ -97,7 +135,7 @@ def export(job: ExportJob) -> dict[str, Any]:
         device_map="cpu",
         quantization_config=quantization_config(chosen),
     )
-    model.save_pretrained(job.output)
+    save(model, job.output)
     hf_common.hub_layout_config(job.output)
     hf_common.copy_support_files(job.source, job.output)
     layers = hf_common.linear_names(job.source)
