@@ -95,13 +95,17 @@ FUSED = {
 }
 
 
+def head_dim(config: dict[str, Any]) -> int:
+    """A (hub-layout) config's attention head size: its own key where it has one (Gemma, Qwen3), else hidden / heads."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
 def fused_rows(config: dict[str, Any], fused: str) -> list[int]:
     """The output rows of each linear a fused one holds (``FUSED[fused]``): q, k, v by head counts; gate, up."""
     if fused == "mlp.gate_up_proj":
         return [config["intermediate_size"]] * 2
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    return [config["num_attention_heads"] * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    size, kv_heads = head_dim(config), config.get("num_key_value_heads") or config["num_attention_heads"]
+    return [config["num_attention_heads"] * size, kv_heads * size, kv_heads * size]
 
 
 def architecture_of(config: dict[str, Any]) -> str:

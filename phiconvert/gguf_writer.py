@@ -163,7 +163,7 @@ def _llama3_factors(config: dict[str, Any]) -> np.ndarray:
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = archs.head_dim(config)
     base = config.get("rope_theta", 10000.0)
     scaling = {k: v for k, v in config["rope_scaling"].items() if k != "type"}
     scaled = AutoConfig.for_model(
@@ -183,7 +183,7 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> dict[str, A
     """Model hyperparameters in llama.cpp's keys for the writer's architecture; returns the rope settings for the
     report."""
     n_head = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    head_dim = archs.head_dim(config)
     rope_dim = int(config.get("partial_rotary_factor", 1.0) * head_dim)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])

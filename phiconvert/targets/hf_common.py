@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from phiconvert import stops, weights
+from phiconvert import archs, stops, weights
 from phiconvert.errors import PhiconvertError
 from phiconvert.targets import Logits, Runtime, Sampling
 
@@ -30,9 +30,7 @@ WEIGHT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.b
 def layer_inputs(folder: Path) -> tuple[int, ...]:
     """Input sizes of a decoder's linear layers: hidden (q/k/v, gate/up), attention output (o), intermediate (down)."""
     config = json.loads((folder / "config.json").read_text())
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return config["hidden_size"], heads * head_dim, config["intermediate_size"]
+    return config["hidden_size"], config["num_attention_heads"] * archs.head_dim(config), config["intermediate_size"]
 
 
 def fitting_group_size(inputs: tuple[int, ...], default: int, target: str) -> int:

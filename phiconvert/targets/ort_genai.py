@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from phiconvert import progress
+from phiconvert import archs, progress
 from phiconvert.errors import PhiconvertError
 from phiconvert.source import parameter_count
 from phiconvert.targets import (
@@ -133,13 +133,11 @@ def check_runtime(ep: str) -> None:
 
 def check_model(config: dict[str, Any], ep: str) -> None:
     """Refuse the shapes the builder would silently export wrong, or ONNX Runtime would fail on obscurely."""
-    hidden, vocab, heads = config["hidden_size"], config["vocab_size"], config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    kv_heads = config.get("num_key_value_heads") or heads
+    vocab, head_dim = config["vocab_size"], archs.head_dim(config)
     linears = {
-        "qkv_proj": (heads + 2 * kv_heads) * head_dim,
-        "o_proj/down_proj": hidden,
-        "gate_up_proj": 2 * config["intermediate_size"],
+        "qkv_proj": sum(archs.fused_rows(config, "self_attn.qkv_proj")),
+        "o_proj/down_proj": config["hidden_size"],
+        "gate_up_proj": sum(archs.fused_rows(config, "mlp.gate_up_proj")),
     }
     for name, out_features in linears.items():
         if out_features == vocab:
@@ -300,8 +298,6 @@ def split_fused(name: str, tensors: dict[str, Any], config: dict[str, Any]) -> d
     layer as it is. The builder (onnxruntime-genai 0.18) splits a fused linear's Olive zero points at a packed row
     count (q_size // 2 at 4 bits, where Olive's rows are not packed), and ONNX Runtime then refuses the graph; given
     the parts, it fuses q, k and v itself, as it does from a GPTQ checkpoint."""
-    from phiconvert import archs
-
     fused = next((linear for linear in archs.FUSED if name.endswith(f".{linear}")), None)
     if fused is None:
         return {name: tensors}
