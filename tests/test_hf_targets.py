@@ -206,28 +206,41 @@ def check_report(report: dict) -> None:
     assert "rope_parameters" not in config and config["partial_rotary_factor"] == 0.75  # hub layout, like the source
 
 
-def test_torchao_untied_copy_loads_with_its_own_head(tmp_path):
-    """The untied copy is links plus one head file; transformers must load that head (a one-file source's
-    `model.safetensors` would be read before the index and leave the head random)."""
+@pytest.mark.parametrize("fixture", ["tiny-qwen", "tiny-phi4mini"])
+def test_torchao_quantizes_a_module_at_a_time_as_transformers_does_on_load(tmp_path, fixture):
+    """The export's own loop (a module at a time from the safetensors, each weight by row slices) gives the tensors
+    transformers' quantize-on-load gives from an untied copy (Qwen's projection biases left alone, Phi-4-mini's
+    tied head quantized as a linear), and its shards load back in transformers to the same logits."""
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
     from transformers import AutoModelForCausalLM
 
     from phiconvert.targets import torchao
 
-    folder = torchao.untied_copy(checkpoint(tmp_path, "tiny-phi4mini"), tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    assert not model.config.tie_word_embeddings
-    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
-    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    chosen = torchao.settings({})
+    untied = AutoModelForCausalLM.from_pretrained(source.FIXTURES / fixture, dtype=torch.float32)
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.clone())
+    untied.save_pretrained(tmp_path / "untied")
+    settings = {"dtype": torch.float32, "quantization_config": torchao.quantization_config(chosen)}
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "untied", **settings)
+    ours = torchao.quantize(source.FIXTURES / fixture, chosen, slice_rows=7)  # slices that do not divide the rows
+    (expected, expected_metadata), (got, metadata) = (flatten_tensor_state_dict(m.state_dict()) for m in (theirs, ours))
+    assert got.keys() == expected.keys() and metadata == expected_metadata
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in got.items())
+    torchao.save(ours, tmp_path / "ours")
+    ids = torch.tensor([[3, 17, 29, 5, 11]])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32)
+    assert torch.equal(reloaded(ids).logits, theirs(ids).logits)
 
 
 def test_load_source_reads_without_a_map_and_keeps_the_end_of_turn_ids(tmp_path):
     """The exports' pread load gives transformers' own model, weights and generation config (the end-of-turn id
-    list, which a model built from its config alone would lose), from the untied copy's links and head file too."""
+    list, which a model built from its config alone would lose)."""
     from transformers import AutoModelForCausalLM
 
-    from phiconvert.targets import hf_common, torchao
+    from phiconvert.targets import hf_common
 
-    folder = torchao.untied_copy(checkpoint(tmp_path, "tiny-phi4mini"), tmp_path)
+    folder = checkpoint(tmp_path, "tiny-phi4mini")
     ours = hf_common.load_source(folder, dtype=torch.float32)
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert type(ours) is type(theirs)

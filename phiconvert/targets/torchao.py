@@ -1,21 +1,24 @@
 """torchao checkpoints: 8da4w, the recipe of the PyTorch team's Phi-4-mini-instruct-8da4w (ExecuTorch / XNNPACK).
 
 Linear layers (the LM head included): int8 dynamic per-token activations, int4 weights per group of 32, symmetric.
-The input embedding: int8 weights per row. The tied embedding is untied first so the two can differ.
+The input embedding: int8 weights per row. A tied LM head is quantized from the embedding's weights as a linear layer,
+so the two differ (transformers re-ties the weights after a quantized load, which torchao's tensors cannot do).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from phiconvert import weights
+from phiconvert import progress, weights
 from phiconvert.errors import PhiconvertError
 from phiconvert.targets import GROUP_SIZE, SYM, ExportJob, Memory, Precision, Signature, Target, hf_common
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
+SLICE_ROWS = 16384  # output rows quantized at a time (a whole 200064-row embedding is 2.3 GiB in float32)
 
 
 def settings(options: dict[str, Any]) -> dict[str, Any]:
@@ -58,33 +61,82 @@ def quantization_config(chosen: dict[str, Any]) -> Any:
     )
 
 
-def untied_copy(source: Path, work: Path) -> Path:
-    """The source with its LM head a copy of the embedding instead of the same tensor, so each gets its own
-    quantization (transformers re-ties the weights after a quantized load, which torchao's tensors cannot do).
+def config_for(name: str, configs: dict[str, Any]) -> Any:
+    """The config an FqnToConfig mapping gives module ``name``'s weight, picked as transformers' loader picks it: the
+    module's own name, else the first regex ("re:" keys) matching the weight's or the module's whole name."""
+    if name in configs:
+        return configs[name]
+    for key, config in configs.items():
+        if key.startswith("re:") and (re.fullmatch(key[3:], f"{name}.weight") or re.fullmatch(key[3:], name)):
+            return config
+    return None
 
-    Written without loading the model: links to the source's files, one more file holding the head (the
-    embedding's bytes), and an index and config that say so."""
-    from safetensors.torch import save_file
 
-    config = json.loads((source / "config.json").read_text())
-    if not config.get("tie_word_embeddings"):
-        return source
-    folder = work / "untied"
-    folder.mkdir()
-    tensors = weights.index(source)
-    # transformers reads a single `model.safetensors` before any index: a one-file source is linked as a shard
-    shard_name = {f: f"source-{f.name}" for f in {t.file for t in tensors.values()}}
-    for item in source.iterdir():
-        if item.name not in ("config.json", "model.safetensors.index.json") and item not in shard_name:
-            (folder / item.name).symlink_to(item.resolve())
-    for file, name in shard_name.items():
-        (folder / name).symlink_to(file.resolve())
-    embedding = next(t for name, t in tensors.items() if name.endswith("embed_tokens.weight"))
-    save_file({"lm_head.weight": weights.read_stored(embedding)}, str(folder / "lm_head.safetensors"))
-    weight_map = {name: shard_name[t.file] for name, t in tensors.items()} | {"lm_head.weight": "lm_head.safetensors"}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
-    return folder
+def quantize(source: Path, chosen: dict[str, Any], slice_rows: int = SLICE_ROWS) -> Any:
+    """The source as transformers' torchao quantize-on-load makes it (float32, then torchao's ``quantize_`` with
+    each module's config, the LM head untied from the embedding so each gets its own), built a module at a time
+    from the safetensors and each weight quantized ``slice_rows`` output rows at a time.
+
+    transformers quantizes a whole weight at once, and torchao's ``quantize_affine`` holds two float32 temporaries
+    of it: Phi-4-mini's 200064 x 3072 embedding and head each took the export to 8 GiB. Both configs quantize rows
+    independently (per row, or per group within a row), so slices give the same values (tested against
+    transformers' own load)."""
+    import torch
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
+
+    settings = quantization_config(chosen)
+    configs = settings.quant_type.fqn_to_config
+    config = AutoConfig.from_pretrained(source)
+    config.tie_word_embeddings = False
+    with torch.device("meta"):
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+    model.config.quantization_config = settings
+    if (source / "generation_config.json").exists():  # the end-of-turn ids, which the config alone does not carry
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    stored = weights.index(source)
+    head = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
+    embedding = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
+    modules = [(name, module) for name, module in model.named_modules() if list(module.parameters(recurse=False))]
+    for name, module in progress.track(modules, unit="modules", what="quantizing"):
+        for key, _ in list(module.named_parameters(recurse=False)):
+            full = f"{name}.{key}"
+            tensor = stored.get(full) or (stored.get(f"{embedding}.weight") if full == f"{head}.weight" else None)
+            if tensor is None:
+                raise PhiconvertError(f"the checkpoint has no tensor {full}")
+            module_config = config_for(name, configs) if key == "weight" else None
+            if module_config is None:
+                setattr(module, key, torch.nn.Parameter(weights.read_torch(tensor), requires_grad=False))
+            else:
+                module.weight = torch.nn.Parameter(quantized_rows(module, tensor, module_config, slice_rows),
+                                                   requires_grad=False)  # fmt: skip
+    unloaded = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if unloaded:
+        raise PhiconvertError(f"torchao export: the checkpoint does not fill {', '.join(unloaded[:3])}")
+    return model
+
+
+def quantized_rows(module: Any, tensor: weights.Tensor, config: Any, slice_rows: int) -> Any:
+    """``tensor`` quantized for ``module`` (an embedding or a linear) by torchao's ``quantize_`` with ``config``,
+    ``slice_rows`` rows at a time, the slices' data joined into one tensor of torchao's type."""
+    import torch
+    from torchao.quantization import quantize_
+
+    rows = tensor.shape[0]
+    pieces = []
+    for start in range(0, rows, slice_rows):
+        part = weights.read_torch(tensor, slice(start, min(start + slice_rows, rows)))
+        if isinstance(module, torch.nn.Embedding):
+            piece = torch.nn.Embedding(*part.shape, device="meta")
+        else:
+            piece = torch.nn.Linear(part.shape[1], part.shape[0], bias=False, device="meta")
+        piece.weight = torch.nn.Parameter(part, requires_grad=False)
+        quantize_(piece, config, lambda *_: True)
+        pieces.append(piece.weight)
+    first = pieces[0]
+    if len(pieces) == 1:
+        return first
+    return type(first)(*(torch.cat([getattr(p, n) for p in pieces]) for n in first.tensor_data_names),
+                       *(getattr(first, a) for a in first.tensor_attribute_names))  # fmt: skip
 
 
 def save(model: Any, output: Path) -> None:
@@ -94,8 +146,6 @@ def save(model: Any, output: Path) -> None:
     it flattens: 4.6 GiB beside the 5.3 GiB quantized model on Phi-4-mini's shape. Flattened a shard at a time, the
     clones are one layer's. Every shard carries the whole model's metadata, as transformers' own shards do: its
     loader merges the files' metadata and rebuilds each tensor from the names listed there."""
-    import re
-
     from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
@@ -126,15 +176,8 @@ def save(model: Any, output: Path) -> None:
 
 
 def export(job: ExportJob) -> dict[str, Any]:
-    import torch
-
     chosen = settings(job.options)
-    model = hf_common.load_source(
-        untied_copy(job.source, job.work),
-        dtype=torch.float32,
-        device_map="cpu",
-        quantization_config=quantization_config(chosen),
-    )
+    model = quantize(job.source, chosen)
     save(model, job.output)
     hf_common.hub_layout_config(job.output)
     hf_common.copy_support_files(job.source, job.output)
@@ -168,10 +211,11 @@ TARGET = Target(
     export=export,
     open=hf_common.open_runtime,
     logits=hf_common.logits,
-    # measured 2026-12-06, Phi-4-mini 8da4w (nominal artifact 2.01 GiB, the checkpoint 4.71 GiB): export 9.91 and
-    # 10.04 GiB (the quantized model, the embedding's float32 copy, and torchao's clone of every tensor it saves),
-    # smoke test 11.79 GiB in 337 s for 48 tokens, logits 11.80 GiB (the mapped checkpoint and its loaded copy)
-    memory=Memory(export=(1.4, 0.0), runtime=(5.5, 0.8)),
+    # measured on Phi-4-mini 8da4w (nominal artifact 2.01 GiB, the checkpoint 4.71 GiB): export 6.34 GiB on
+    # 2026-12-07 (the quantized model, 0.58x the source, a module's float32 slice and a shard's clones); runtime on
+    # 2026-12-06/07: smoke test 11.37-11.79 GiB in 337-432 s for 48 tokens, logits 11.80 GiB (the load holds the
+    # mapped checkpoint and its copy; then every forward dequantizes the whole 200064-row head to float32)
+    memory=Memory(export=(0.7, 1.3), runtime=(5.5, 0.8)),
     options=(GROUP_SIZE, SYM),
     check=check,
 )
