@@ -15,7 +15,8 @@ Anchors, at the settings phiconvert's report says it used: optimum-cli (openvino
 builder (ort-genai), mlx_lm.convert (mlx), llama.cpp's convert_hf_to_gguf.py + its quantizer (gguf; needs a
 llama.cpp source tree, ``--llama-cpp``: the llama-cpp-python sdist's vendor/llama.cpp is one), AutoRound's
 round-to-nearest to the GPTQ/AWQ formats (gptq, awq; in the managed environment), transformers' own quantized
-load and save (bnb, torchao). One job at a time: on a 24 GiB machine two would measure each other.
+load and save with phiconvert's torchao configs (torchao; bnb's export is that route itself, no anchor). One job
+at a time: on a 24 GiB machine two would measure each other.
 """
 
 from __future__ import annotations
@@ -141,7 +142,43 @@ def anchor_command(target: str, report: dict, checkpoint: Path, out: Path, llama
                 "device_map='cpu', enable_torch_compile=False, disable_opt_rtn=True)"
                 f".quantize_and_save(sys.argv[2], format='{fmt}')")  # fmt: skip
         return [[str(managed), "-c", code, str(checkpoint), str(out)]]
+    if target == "torchao":
+        # transformers' own quantize-on-load and save, with phiconvert's configs, from an untied copy (made before
+        # the timing: transformers would quantize a tied head as the embedding)
+        chosen = {k: v for k, v in report.get("options", {}).items() if k in ("group_size", "sym")}
+        code = ("import sys, torch; from transformers import AutoModelForCausalLM; from phiconvert.targets import "
+                f"torchao; c = torchao.quantization_config(torchao.settings({chosen!r})); AutoModelForCausalLM"
+                ".from_pretrained(sys.argv[1], dtype=torch.float32, device_map='cpu', quantization_config=c)"
+                ".save_pretrained(sys.argv[2])")  # fmt: skip
+        return [[python, "-c", code, str(untied(checkpoint, Path(str(out) + "-untied"))), str(out)]]
     raise LookupError(f"no anchor for {target}: its export is transformers' own quantized load and save")
+
+
+def untied(checkpoint: Path, folder: Path) -> Path:
+    """``checkpoint`` with its LM head a tensor of its own (the embedding's bytes) where the two are tied: links to
+    its files, one file for the head, an index and a config that say so."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    if not config.get("tie_word_embeddings"):
+        return checkpoint
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    weight_map = {}
+    for item in checkpoint.iterdir():
+        if item.suffix == ".safetensors":  # linked under another name: a lone model.safetensors is read first
+            (folder / f"source-{item.name}").symlink_to(item.resolve())
+            weight_map |= dict.fromkeys(_header(item), f"source-{item.name}")
+        elif item.name not in ("config.json", "model.safetensors.index.json"):
+            (folder / item.name).symlink_to(item.resolve())
+    embedding = next(name for name in weight_map if name.endswith("embed_tokens.weight"))
+    with safe_open(str(folder / weight_map[embedding]), framework="pt") as handle:
+        save_file({"lm_head.weight": handle.get_tensor(embedding)}, str(folder / "lm_head.safetensors"))
+    weight_map["lm_head.weight"] = "lm_head.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
+    return folder
 
 
 def anchor_run(target: str, report: dict | None, checkpoint: Path, work: Path, llama_cpp: Path | None) -> dict:
@@ -160,7 +197,7 @@ def anchor_run(target: str, report: dict | None, checkpoint: Path, work: Path, l
         total["code"] = total["code"] or step["code"]
     candidates = [Path(str(out) + ".gguf"), out]
     total["output_bytes"] = max(folder_bytes(p) for p in candidates)
-    for path in [out, Path(str(out) + "-cache"), Path(str(out) + "-f16.gguf"), Path(str(out) + ".gguf")]:
+    for path in [out, *(Path(str(out) + suffix) for suffix in ("-cache", "-untied", "-f16.gguf", ".gguf"))]:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return total
 
