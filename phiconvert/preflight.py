@@ -163,13 +163,17 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
 
 def export_time_note(pair: Any, shape: Shape) -> str | None:
     """How long an export will take on a CPU, from its precision's measured speed, when that is more than a few
-    minutes: at its default settings, or at the faster ones it declares (other options change the work), not on a
-    GPU. At the default settings the faster ones are named with their time."""
+    minutes: at its default settings, or at the settings it declares a speed for (awq's --no-clip, gptq's --method
+    autoround; other options change the work), not on a GPU. At the default settings the faster ones are named with
+    their time."""
     precision, options = pair.adapter.precisions[pair.precision], pair.options or {}
-    faster, speed = precision.cpu_faster, precision.cpu_export_speed
-    if faster and all(options.get(name) == value for name, value in faster[0].items()):
-        speed, options = faster[1], {k: v for k, v in options.items() if k not in faster[0]}
-        faster = None
+    speed, faster = precision.cpu_export_speed, []
+    for when, when_speed in precision.cpu_speed_when:
+        if all(options.get(name) == value for name, value in when.items()):
+            speed, options = when_speed, {k: v for k, v in options.items() if k not in when}
+            break
+    else:  # the default settings: the faster ones are named with their time
+        faster = [(when, s) for when, s in precision.cpu_speed_when if speed and s > speed]
     declared = {option.name: option for option in pair.adapter.options}
     chosen = {name for name, value in options.items() if value not in (None, False, declared[name].default)}
     if not speed or chosen - {"device"} or options.get("device") in ("cuda", "mps"):
@@ -179,9 +183,9 @@ def export_time_note(pair: Any, shape: Shape) -> str | None:
         return None
     gpu = " (or a GPU: --device)" if "device" in declared else ""
     quicker = ""
-    if faster:
-        words = [word for name, value in faster[0].items() for word in declared[name].spelled(value)]
-        quicker = f"; {' '.join(words)} takes {took(shape.parameters / faster[1])} at some fidelity cost"
+    for when, faster_speed in faster:
+        words = [word for name, value in when.items() for word in declared[name].spelled(value)]
+        quicker += f"; {' '.join(words)} takes {took(shape.parameters / faster_speed)} at some fidelity cost"
     return (
         f"{pair.adapter.name} {pair.precision}'s export takes {took(seconds)} for this model on a 2-core CPU "
         f"(measured on Phi-4-mini's shape); more cores{gpu} shorten it{quicker}"

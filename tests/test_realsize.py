@@ -320,7 +320,8 @@ def test_an_export_that_takes_long_on_a_cpu_says_so_up_front():
     )
     assert quicker.startswith("awq int4's export takes ~29 min") and "--no-clip" not in quicker
     assert note("awq", clip=True) == awq  # a default said out loud is still the default
-    assert "~28 min" in note("gptq", device="cpu")
+    assert "~28 min" in note("gptq", device="cpu") and "autoround" not in note("gptq")  # a slower one is not named
+    assert note("gptq", method="autoround").startswith("gptq int4's export takes ~2.7 h")
     assert note("gptq", device="cuda") is None and note("gptq", group_size=64) is None
     assert note("gguf") is None and note("awq", preflight.Shape(10**7, 32000, 256, 0, 32000 * 256)) is None
 

@@ -47,9 +47,9 @@ class Precision:
     # where its export takes tens of minutes or hours on a CPU: the weights per second it went through at its
     # default settings, measured on a 2-core CPU at real size, so the run says up front how long it will take
     cpu_export_speed: float | None = None
-    # the settings that make that export faster at some fidelity cost, and the speed measured with them: the run
-    # names them beside the time (awq's --no-clip)
-    cpu_faster: tuple[dict[str, Any], float] | None = None
+    # settings that change that speed, each with the speed measured with it: the run says the time of the settings
+    # chosen, and at the default ones names those that are faster, at some fidelity cost (awq's --no-clip)
+    cpu_speed_when: tuple[tuple[dict[str, Any], float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ TARGET = Target(
             # Phi-4-mini's shape, 2 cores, 2026-12-06: 150 s per decoder layer with the clip search (two layers
             # timed), 1693 s for the whole export without it (1429 s in a second run, after the pread load)
             cpu_export_speed=7.8e5,
-            cpu_faster=({"clip": False}, 2.27e6),
+            cpu_speed_when=(({"clip": False}, 2.27e6),),
         ),
     },
     signature=Signature(quant_method="awq"),

@@ -139,6 +139,8 @@ TARGET = Target(
             bits=4.2,
             bound="int4",
             cpu_export_speed=2.3e6,  # Phi-4-mini's shape, 2 cores, 2026-12-04: 1686 s
+            # --method autoround: ~300 s per block on the same shape (2026-12-06, three blocks timed), ~2.7 h
+            cpu_speed_when=(({"method": "autoround"}, 4.0e5),),
         ),
         "int8": Precision("GPTQ 8-bit, symmetric, group 128 by default", bits=8.2, bound="int8"),
         "int3": Precision(
