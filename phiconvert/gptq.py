@@ -293,7 +293,7 @@ def pack(ints: Any, scales: Any, zeros: Any, g_idx: Any, chosen: Settings) -> Pa
     )
 
 
-def quantize_rows(tensor: Any, chosen: Settings, rows: int = 16384) -> Packed:
+def quantize_rows(tensor: Any, chosen: Settings) -> Packed:
     """Round-to-nearest of a large matrix on disk (an LM head: vocabulary x hidden), a slice of output rows at a
     time: each output row's groups are its own, so the slices pack side by side. Never the whole matrix in float32."""
     import torch
@@ -301,9 +301,8 @@ def quantize_rows(tensor: Any, chosen: Settings, rows: int = 16384) -> Packed:
     from phiconvert import weights
 
     parts = []
-    slices = range(0, tensor.shape[0], rows)
-    for start in progress.track(slices, unit="row slices", what="round-to-nearest"):
-        weight = weights.read_torch(tensor, slice(start, min(start + rows, tensor.shape[0])))
+    slices = weights.row_slices(tensor)
+    for weight in progress.track(slices, weights.slice_count(tensor), unit="row slices", what="round-to-nearest"):
         _, ints, scales, zeros, g_idx = quantize_weight(weight, None, chosen, rtn=True)
         parts.append(pack(ints, scales, zeros, g_idx, chosen))
     return Packed(

@@ -24,7 +24,6 @@ import numpy as np
 from phiconvert import weights
 from phiconvert.errors import PhiconvertError
 
-VOCAB_SLICE = 16384  # LM head rows upcast at a time
 POSITION_CHUNK = 512  # positions whose logits are computed (and written) at a time
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -129,8 +128,7 @@ class SourceModel:
 
         parts = []
         with torch.no_grad():
-            for start in range(0, self.vocab, VOCAB_SLICE):
-                rows = weights.read_torch(self.head, slice(start, min(start + VOCAB_SLICE, self.vocab)))
+            for rows in weights.row_slices(self.head):
                 parts.append(hidden @ rows.T)
         logits = torch.cat(parts, dim=-1)
         if self.softcap:

@@ -19,6 +19,7 @@ from phiconvert.errors import PhiconvertError
 
 # safetensors dtype -> (numpy dtype its raw elements are read as (bf16 as its 16 raw bits), bytes per element)
 DTYPES = {"BF16": (np.int16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
+SLICE_ROWS = 16384  # rows of a large matrix read and upcast at a time (row_slices)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,17 @@ def read_torch(tensor: Tensor, rows: slice | None = None, out=None):
     if out is None:
         return raw.float().reshape(shape)
     return out.copy_(raw.reshape(shape))
+
+
+def row_slices(tensor: Tensor, rows: int = SLICE_ROWS):
+    """``tensor`` as float32 torch, ``rows`` rows at a time (the last slice shorter): a large embedding or LM head
+    worked through without ever being whole in float32 (2.3 GiB for Phi-4-mini's 200064 x 3072)."""
+    for start in range(0, tensor.shape[0], rows):
+        yield read_torch(tensor, slice(start, min(start + rows, tensor.shape[0])))
+
+
+def slice_count(tensor: Tensor, rows: int = SLICE_ROWS) -> int:
+    return math.ceil(tensor.shape[0] / rows)
 
 
 def read_stored(tensor: Tensor):

@@ -18,7 +18,6 @@ from phiconvert.targets import GROUP_SIZE, SYM, ExportJob, Memory, Precision, Si
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
-SLICE_ROWS = 16384  # output rows quantized at a time (a whole 200064-row embedding is 2.3 GiB in float32)
 
 
 def settings(options: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +71,7 @@ def config_for(name: str, configs: dict[str, Any]) -> Any:
     return None
 
 
-def quantize(source: Path, chosen: dict[str, Any], slice_rows: int = SLICE_ROWS) -> Any:
+def quantize(source: Path, chosen: dict[str, Any], slice_rows: int = weights.SLICE_ROWS) -> Any:
     """The source as transformers' torchao quantize-on-load makes it (float32, then torchao's ``quantize_`` with
     each module's config, the LM head untied from the embedding so each gets its own), built a module at a time
     from the safetensors and each weight quantized ``slice_rows`` output rows at a time.
@@ -121,10 +120,8 @@ def quantized_rows(module: Any, tensor: weights.Tensor, config: Any, slice_rows:
     import torch
     from torchao.quantization import quantize_
 
-    rows = tensor.shape[0]
     pieces = []
-    for start in range(0, rows, slice_rows):
-        part = weights.read_torch(tensor, slice(start, min(start + slice_rows, rows)))
+    for part in weights.row_slices(tensor, slice_rows):
         if isinstance(module, torch.nn.Embedding):
             piece = torch.nn.Embedding(*part.shape, device="meta")
         else:
