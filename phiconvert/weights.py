@@ -41,17 +41,22 @@ class Tensor:
         return self.size * DTYPES[self.dtype][1]
 
 
-def index(folder: Path) -> dict[str, Tensor]:
-    """Name -> location of every tensor in the checkpoint's safetensors files (single file or shards)."""
+def files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files: the index's shards, or the folder's single file(s)."""
     index_file = folder / "model.safetensors.index.json"
     if index_file.exists():
-        files = sorted({folder / f for f in json.loads(index_file.read_text())["weight_map"].values()})
+        found = sorted({folder / f for f in json.loads(index_file.read_text())["weight_map"].values()})
     else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
+        found = sorted(folder.glob("*.safetensors"))
+    if not found:
         raise PhiconvertError(f"no .safetensors weights in {folder}")
+    return found
+
+
+def index(folder: Path) -> dict[str, Tensor]:
+    """Name -> location of every tensor in the checkpoint's safetensors files (single file or shards)."""
     tensors = {}
-    for file in files:
+    for file in files(folder):
         with open(file, "rb") as f:
             (header_size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(header_size))

@@ -279,6 +279,12 @@ def test_convert_end_to_end(target_all, target, precision):
 
         bf16 = any("AVX512-BF16" in caveat for caveat in report["caveats"])
         assert bf16 == (has_avx512bf16() and precision != "int8")  # the runtime's real compute path is said
+        # the runtime reads the artifact without a memory map: the same model as transformers' mapped load
+        from transformers import AutoModelForCausalLM
+
+        ids = torch.tensor([[3, 17, 29, 5, 11]])
+        mapped = AutoModelForCausalLM.from_pretrained(report["output"], dtype=torch.float32, device_map="cpu")
+        assert torch.equal(hf_common.load(Path(report["output"]))(ids).logits, mapped(ids).logits)
 
 
 @pytest.mark.slow
@@ -355,7 +361,7 @@ from phiconvert.targets import hf_common
 if sys.argv[2] == "worker":
     worker.import_toolchain(types.SimpleNamespace(target="gptq"))
 loaded, load = [], hf_common.load
-hf_common.load = lambda artifact: loaded.append(weakref.ref(model := load(artifact))) or model
+hf_common.load = lambda artifact, mapped=False: loaded.append(weakref.ref(model := load(artifact, mapped))) or model
 targets.load("gptq").smoke(Path(sys.argv[1]), [{"role": "user", "content": "Hi"}], 2)
 gc.collect()
 print("alive" if loaded[0]() is not None else "freed")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -206,8 +207,9 @@ TARGET = Target(
     library="transformers",
     default_precision="8da4w",
     export=export,
-    open=hf_common.open_runtime,
-    logits=hf_common.logits,
+    # through transformers' memory map: it rebuilds torchao's tensors with metadata it reads from the files only
+    open=partial(hf_common.open_runtime, mapped=True),
+    logits=partial(hf_common.logits, mapped=True),
     # measured on Phi-4-mini 8da4w (nominal artifact 2.01 GiB, the checkpoint 4.71 GiB): export 6.34-6.35 GiB on
     # 2026-12-07 (the quantized model, 0.58x the source, a module's float32 slice and a shard's clones), and on
     # Phi-4's shape 18.26 GiB (its quantize and save alone, outside a worker); runtime on
