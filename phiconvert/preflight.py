@@ -85,10 +85,12 @@ def stage_bytes(adapter: targets.Target, precision: str, shape: Shape, longest_w
     return {"export": int(export), "verification": int(runtime + logits)}
 
 
-def disk_bytes(adapter: targets.Target, precision: str, shape: Shape, windows: list[tuple[int, int]]) -> int:
-    """The artifact at its nominal size, an intermediate copy of the weights, the reference's log-probabilities."""
+def disk_bytes(adapter: targets.Target, precision: str, shape: Shape, windows: list[tuple[int, int]],
+               options: dict[str, Any] | None = None) -> int:  # fmt: skip
+    """The artifact at its nominal size, the export's intermediate copies, the reference's log-probabilities."""
+    scratch = adapter.memory_for(options or {}).scratch * shape.bf16_bytes
     logits = sum(length for _, length in windows) * shape.vocab * 4
-    return artifact_bytes(adapter, precision, shape) + shape.bf16_bytes + logits
+    return artifact_bytes(adapter, precision, shape) + int(scratch) + logits
 
 
 def available_memory() -> int:
@@ -104,8 +106,8 @@ def estimate(adapter: targets.Target, precision: str, shape: Shape, windows: lis
     needs = stage_bytes(adapter, precision, shape, longest, options)
     if not windows:
         needs.pop("verification")
-    out: dict[str, Any] = {"target": adapter.name, "precision": precision, "memory": needs,
-                           "disk": disk_bytes(adapter, precision, shape, windows), "refusal": None}  # fmt: skip
+    disk_needed = disk_bytes(adapter, precision, shape, windows, options)
+    out = {"target": adapter.name, "precision": precision, "memory": needs, "disk": disk_needed, "refusal": None}
     for stage, need in needs.items():
         if need > memory:
             hint = "; try --verify quick" if stage == "verification" and longest > 1024 else ""

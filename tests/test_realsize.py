@@ -301,6 +301,23 @@ def test_an_option_that_changes_the_work_is_planned_with_its_own_memory():
     assert refused["refusal"].startswith("gptq int4 needs ~30.") and "for its export" in refused["refusal"]
 
 
+def test_the_disk_a_pair_needs_counts_only_the_intermediates_its_export_writes():
+    """gguf writes a BF16 intermediate beside its artifact; bnb's save_pretrained writes the artifact and nothing
+    else: on Phi-4 (27.3 GiB in bf16) that is 27 GiB of free disk bnb does not need."""
+    phi4 = preflight.Shape(14_659_507_200, 100352, 5120, 0, 100352 * 5120)
+    windows = [(0, 64), (0, 384)]
+    logits = 448 * 100352 * 4
+
+    def disk(target: str, precision: str) -> int:
+        return preflight.estimate(targets.load(target), precision, phi4, windows, 10**12, 10**13)["disk"]
+
+    nominal = {t: preflight.artifact_bytes(targets.load(t), p, phi4) for t, p in (("bnb", "nf4"), ("gguf", "q4_k_m"))}
+    assert disk("bnb", "nf4") == nominal["bnb"] + logits
+    assert disk("gguf", "q4_k_m") == nominal["gguf"] + phi4.bf16_bytes + logits
+    refused = preflight.estimate(targets.load("bnb"), "nf4", phi4, windows, 10**12, 5 * preflight.GiB)["refusal"]
+    assert refused == "bnb nf4 needs ~7.8 GiB of free disk, there are 5.0 GiB"
+
+
 def test_an_export_that_takes_long_on_a_cpu_says_so_up_front():
     """A calibrated export runs for half an hour (GPTQ) or hours (AWQ) on a laptop's CPU: the plan says how long
     before it starts, at the default settings and off a GPU only (other settings change the work)."""

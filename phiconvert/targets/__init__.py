@@ -143,6 +143,8 @@ class Memory:
     window_logits: int = 1
     # float32 copies of the largest tensor the export holds besides (a toolchain that works tensor by tensor)
     tensor_copies: float = 0
+    # copies of the source's bf16 bytes the export writes to disk on the way, beside the artifact (pre-flight's disk)
+    scratch: float = 1.0
 
 
 Generate = Callable[[list[int], int], int]

@@ -215,7 +215,7 @@ TARGET = Target(
     # Phi-4's shape 18.26 GiB (its quantize and save alone, outside a worker); runtime on
     # 2026-12-06/07: smoke test 11.37-12.15 GiB in 325-432 s for 48 tokens, logits 11.80 GiB (the load holds the
     # mapped checkpoint and its copy; then every forward dequantizes the whole 200064-row head to float32)
-    memory=Memory(export=(0.65, 1.75), runtime=(5.8, 0.8)),
+    memory=Memory(export=(0.65, 1.75), runtime=(5.8, 0.8), scratch=0),  # the shards are the artifact
     options=(GROUP_SIZE, SYM),
     check=check,
 )
