@@ -41,9 +41,10 @@ def quantization_config(precision: str) -> Any:
 
 
 def export(job: ExportJob) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     config = quantization_config(job.precision)
+    hf_common.return_freed_blocks()  # quantizing, repacking and reloading leave tens of MB per layer in the heap
     # the unquantized tensors (embeddings, norms, LM head) keep the source's dtype
     model = hf_common.load_source(job.source, quantization_config=config, device_map="cpu").eval()
     model.save_pretrained(job.output)
@@ -54,7 +55,8 @@ def export(job: ExportJob) -> dict[str, Any]:
     before = reply(hf_common.model_runtime(model, tokenizer, job.output), PROBE, PROBE_TOKENS).ids
     del model  # one quantized model in memory at a time
     gc.collect()
-    reloaded = AutoModelForCausalLM.from_pretrained(job.output, device_map="cpu").eval()
+    # read without a map, as the runtime reads it (hf_common.load): the same model as from_pretrained(folder)
+    reloaded = hf_common.load_source(job.output, device_map="cpu").eval()
     after = reply(hf_common.model_runtime(reloaded, tokenizer, job.output), PROBE, PROBE_TOKENS).ids
     if before != after:
         raise PhiconvertError(
@@ -110,10 +112,11 @@ TARGET = Target(
     export=export,
     open=hf_common.open_runtime,
     logits=hf_common.logits,
-    # measured on Phi-4-mini nf4 (nominal artifact 2.01 GiB): export 5.52-6.69 GiB in five runs of 2026-12-06/07 (the
-    # source read without a memory map); on 2026-12-07 smoke test 5.57 GiB, logits 6.00 GiB (the artifact read
-    # without a map, hf_common.load): the float32 embedding (2.29 GiB) and the 4-bit weights, which bitsandbytes
-    # repacks for its AVX512-BF16 kernel on the first forward (8.12-9.13 GiB when the load mapped the file)
-    memory=Memory(export=(0.7, 1.1), runtime=(2.0, 2.0), scratch=0),  # save_pretrained writes the artifact only
+    # measured on Phi-4-mini nf4 (nominal artifact 2.01 GiB) on 2026-12-07, the allocator handing freed blocks back
+    # (hf_common.return_freed_blocks) and the artifact read without a map: export 4.13 GiB (5.52-6.69 before), smoke
+    # test 5.07 GiB, logits 5.37 GiB (8.12-9.13 before): the float32 embedding (2.29 GiB) and the 4-bit weights,
+    # which bitsandbytes repacks for its AVX512-BF16 kernel on the first forward. Phi-4 (27.3 GiB bf16, nominal 7.68
+    # GiB) the same day, the export before that change: export 16.39 GiB, smoke test 14.04 GiB, logits 13.84 GiB
+    memory=Memory(export=(0.6, 0.2), runtime=(1.55, 2.3), scratch=0),  # save_pretrained writes the artifact only
     check=check,
 )
