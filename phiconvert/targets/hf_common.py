@@ -190,8 +190,10 @@ def return_freed_blocks(threshold: int = 1 << 20) -> None:
     glibc from raising it as it otherwise does after each large free), so freed ones go back as they are freed."""
     import ctypes
 
+    if not sys.platform.startswith("linux"):
+        return
     libc = ctypes.CDLL(None)
-    if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):  # glibc's; macOS' allocator has neither
+    if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):  # glibc's (musl has no malloc_trim)
         libc.malloc_trim(0)
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
 
