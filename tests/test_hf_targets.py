@@ -7,6 +7,7 @@ measure GPTQ against round-to-nearest on the trained fixtures, and convert end t
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import json
 import subprocess
@@ -231,6 +232,11 @@ def test_torchao_quantizes_a_module_at_a_time_as_transformers_does_on_load(tmp_p
     ids = torch.tensor([[3, 17, 29, 5, 11]])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32)
     assert torch.equal(reloaded(ids).logits, theirs(ids).logits)
+    # the runtime's load applies the embedding and the head by slices of rows (here 7: the ids fall in three)
+    sliced = torchao.load(tmp_path / "ours", rows=7)
+    assert all(isinstance(m.forward, functools.partial) for m in (sliced.lm_head, sliced.model.embed_tokens))
+    assert torch.equal(sliced.model.embed_tokens(ids), reloaded.model.embed_tokens(ids))
+    torch.testing.assert_close(sliced(ids).logits, reloaded(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_load_source_reads_without_a_map_and_keeps_the_end_of_turn_ids(tmp_path):

@@ -198,11 +198,11 @@ def return_freed_blocks(threshold: int = 1 << 20) -> None:
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
 
 
-def open_runtime(artifact: Path, exact: bool = True, mapped: bool = False) -> Runtime:
+def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
     """transformers' float32 CPU load, in both modes (the exact one is the only one these formats have here)."""
     from transformers import AutoTokenizer
 
-    return model_runtime(load(artifact, mapped), AutoTokenizer.from_pretrained(artifact), artifact)
+    return model_runtime(load(artifact), AutoTokenizer.from_pretrained(artifact), artifact)
 
 
 def model_runtime(model: Any, tokenizer: Any, artifact: Path) -> Runtime:
@@ -254,8 +254,8 @@ def pick(logits: Any, sampling: Sampling, generator: Any) -> int:
     return int(order[keep][chosen])
 
 
-def logits(artifact: Path, sequences: list[list[int]], mapped: bool = False) -> Logits:
-    return logits_with(load(artifact, mapped), sequences)
+def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
+    return logits_with(load(artifact), sequences)
 
 
 def logits_with(model: Any, sequences: list[list[int]]) -> Logits:

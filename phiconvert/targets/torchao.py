@@ -15,7 +15,18 @@ from typing import Any
 
 from phiconvert import progress, weights
 from phiconvert.errors import PhiconvertError
-from phiconvert.targets import GROUP_SIZE, SYM, ExportJob, Memory, Precision, Signature, Target, hf_common
+from phiconvert.targets import (
+    GROUP_SIZE,
+    SYM,
+    ExportJob,
+    Logits,
+    Memory,
+    Precision,
+    Runtime,
+    Signature,
+    Target,
+    hf_common,
+)
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
@@ -173,6 +184,64 @@ def save(model: Any, output: Path) -> None:
     model.generation_config.save_pretrained(output)
 
 
+def load(artifact: Path, rows: int = weights.SLICE_ROWS) -> Any:
+    """The checkpoint as transformers loads it, its embedding and LM head applied ``rows`` rows of their weights at
+    a time (a module that overrides its class's forward, as Gemma's scaled embedding does, is left whole).
+
+    torchao's embedding and linear dequantize their whole weight to float32 on every call: Phi-4-mini's 200064-row
+    embedding and head each made a 2.3 GiB float32 copy, with the dequantization's temporaries beside it, on every
+    token. Both are quantized per row (or per group within a row), so a slice dequantizes to the same values.
+    Through transformers' memory map: it rebuilds torchao's tensors with metadata it reads from the files only."""
+    import torch
+
+    model = hf_common.load(artifact, mapped=True)
+    for module, by_rows in (
+        (model.get_input_embeddings(), embedding_rows),
+        (model.get_output_embeddings(), linear_rows),
+    ):
+        if type(module).forward in (torch.nn.Embedding.forward, torch.nn.Linear.forward):
+            module.forward = partial(by_rows, module, rows)
+    return model
+
+
+def embedding_rows(module: Any, rows: int, ids: Any) -> Any:
+    """``module(ids)``, dequantizing only the slices of ``rows`` rows that hold one of the ids."""
+    import torch
+
+    flat, weight = ids.reshape(-1), module.weight
+    out = torch.empty(flat.numel(), weight.shape[1], dtype=weight.dtype)
+    for start in range(0, weight.shape[0], rows):
+        inside = (flat >= start) & (flat < start + rows)
+        if inside.any():
+            out[inside] = torch.nn.functional.embedding(flat[inside] - start, weight[start : start + rows])
+    return out.reshape(*ids.shape, -1)
+
+
+def linear_rows(module: Any, rows: int, hidden: Any) -> Any:
+    """``module(hidden)``, ``rows`` output features (rows of the weight) at a time."""
+    import torch
+
+    weight, bias = module.weight, module.bias
+    out = torch.empty(*hidden.shape[:-1], weight.shape[0], dtype=hidden.dtype)
+    for start in range(0, weight.shape[0], rows):
+        end = start + rows
+        out[..., start:end] = torch.nn.functional.linear(
+            hidden, weight[start:end], None if bias is None else bias[start:end]
+        )
+    return out
+
+
+def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
+    """transformers' float32 CPU load (the only mode this format has here), its large modules applied by rows."""
+    from transformers import AutoTokenizer
+
+    return hf_common.model_runtime(load(artifact), AutoTokenizer.from_pretrained(artifact), artifact)
+
+
+def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
+    return hf_common.logits_with(load(artifact), sequences)
+
+
 def export(job: ExportJob) -> dict[str, Any]:
     chosen = settings(job.options)
     model = quantize(job.source, chosen)
@@ -207,9 +276,8 @@ TARGET = Target(
     library="transformers",
     default_precision="8da4w",
     export=export,
-    # through transformers' memory map: it rebuilds torchao's tensors with metadata it reads from the files only
-    open=partial(hf_common.open_runtime, mapped=True),
-    logits=partial(hf_common.logits, mapped=True),
+    open=open_runtime,
+    logits=logits,
     # measured on Phi-4-mini 8da4w (nominal artifact 2.01 GiB, the checkpoint 4.71 GiB): export 6.34-6.35 GiB on
     # 2026-12-07 (the quantized model, 0.58x the source, a module's float32 slice and a shard's clones), and on
     # Phi-4's shape 18.26 GiB (its quantize and save alone, outside a worker); runtime on
