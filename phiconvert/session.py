@@ -77,7 +77,7 @@ class Session:
         with self.log.open("w") as log:
             command = [python, "-m", "phiconvert.worker", str(job_file)]
             self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                            text=True, env=worker_env())  # fmt: skip
+                                            text=True, env=worker_env(self.target))  # fmt: skip
         self.lock = threading.Lock()  # generate() holds it: a second caller waits for the first reply to end
         try:
             ready = self._next(progress or quiet)

@@ -50,10 +50,12 @@ def worker_python(adapter: targets.Target) -> str:
     raise PhiconvertError(f"target '{adapter.name}' needs: {hint} (missing: {', '.join(missing)})")
 
 
-def worker_env() -> dict[str, str]:
+def worker_env(target: str | None = None) -> dict[str, str]:
     """The environment of a worker process: this one, with phiconvert importable (a managed environment's
-    interpreter does not have it installed)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
+    interpreter does not have it installed), over the variables the worker's target declares (``Target.env``)."""
+    declared = targets.load(target).env if target in targets.names() else {}
+    path = os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**declared, **os.environ, "PYTHONPATH": path}
 
 
 def run_worker(python: str, job: Job, work: Path, label: str, emit: Progress) -> dict[str, Any]:
@@ -70,7 +72,7 @@ def run_worker(python: str, job: Job, work: Path, label: str, emit: Progress) ->
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
-            env=worker_env(),
+            env=worker_env(getattr(job, "target", None)),
         )
         try:
             for line in process.stdout:

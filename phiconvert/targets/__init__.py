@@ -298,6 +298,9 @@ class Target:
     # modules the worker imports from its own long-lived frame before any job loads a model: one that keeps an
     # exception caught while importing keeps that traceback's frames, and the model of the call that first imported it
     import_first: tuple[str, ...] = ()
+    # environment variables its worker starts with (one already set in phiconvert's environment wins): settings a
+    # toolchain reads once, when its process starts
+    env: dict[str, str] = field(default_factory=dict)
 
     def listed(self) -> list[tuple[str, Precision]]:
         """Its precisions in the order help and tables show them: the default first."""

@@ -278,12 +278,16 @@ TARGET = Target(
     export=export,
     open=open_runtime,
     logits=logits,
-    # measured on Phi-4-mini 8da4w (nominal artifact 2.01 GiB, the checkpoint 4.71 GiB): export 6.34-6.35 GiB on
-    # 2026-12-07 (the quantized model, 0.58x the source, a module's float32 slice and a shard's clones), and on
-    # Phi-4's shape 18.26 GiB (its quantize and save alone, outside a worker); runtime on
-    # 2026-12-06/07: smoke test 11.37-12.15 GiB in 325-432 s for 48 tokens, logits 11.80 GiB (the load holds the
-    # mapped checkpoint and its copy; then every forward dequantizes the whole 200064-row head to float32)
-    memory=Memory(export=(0.65, 1.75), runtime=(5.8, 0.8), scratch=0),  # the shards are the artifact
+    # measured on Phi-4-mini 8da4w in one `--verify quick` run of 2026-12-07 (nominal artifact 2.01 GiB, the
+    # checkpoint 4.71 GiB: torchao keeps an int4 value in a byte): export 6.08 GiB (the quantized model, 0.58x the
+    # source, a module's float32 slice and a shard's clones; 18.26 GiB on Phi-4's shape, outside a worker); smoke
+    # test 6.28 GiB, logits 6.43 GiB (the mapped checkpoint as it is read, the embedding and head by rows, the
+    # export's leftover in the same worker; 11.4-12.2 GiB when they were dequantized whole at every call)
+    memory=Memory(export=(0.65, 1.75), runtime=(2.35, 1.6), scratch=0),  # the shards are the artifact
+    # PyTorch's CPU allocator asks for huge pages for tensors of 2 MB and more: torchao dequantizes every weight at
+    # every call into new float32 tensors, each page of which the kernel otherwise faults in and zeroes 4 KiB at a
+    # time. Phi-4-mini (2026-12-07): export 54.6 -> 25.1 s; a fresh runtime 12.7-14.5 -> 3.2-4.0 s per token
+    env={"THP_MEM_ALLOC_ENABLE": "1"},
     options=(GROUP_SIZE, SYM),
     check=check,
 )
