@@ -87,10 +87,10 @@ def stage_bytes(adapter: targets.Target, precision: str, shape: Shape, longest_w
 
 def disk_bytes(adapter: targets.Target, precision: str, shape: Shape, windows: list[tuple[int, int]],
                options: dict[str, Any] | None = None) -> int:  # fmt: skip
-    """The artifact at its nominal size, the export's intermediate copies, the reference's log-probabilities."""
-    scratch = adapter.memory_for(options or {}).scratch * shape.bf16_bytes
+    """The artifact as the target stores it, the export's intermediate copies, the reference's log-probabilities."""
+    memory = adapter.memory_for(options or {})
     logits = sum(length for _, length in windows) * shape.vocab * 4
-    return artifact_bytes(adapter, precision, shape) + int(scratch) + logits
+    return int(memory.stored * artifact_bytes(adapter, precision, shape) + memory.scratch * shape.bf16_bytes) + logits
 
 
 def available_memory() -> int:

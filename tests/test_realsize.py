@@ -312,10 +312,12 @@ def test_the_disk_a_pair_needs_counts_only_the_intermediates_its_export_writes()
         return preflight.estimate(targets.load(target), precision, phi4, windows, 10**12, 10**13)["disk"]
 
     nominal = {t: preflight.artifact_bytes(targets.load(t), p, phi4) for t, p in (("bnb", "nf4"), ("gguf", "q4_k_m"))}
-    assert disk("bnb", "nf4") == nominal["bnb"] + logits
+    assert disk("bnb", "nf4") == int(1.45 * nominal["bnb"]) + logits  # its bf16 embedding: 1.18-1.41x nominal
     assert disk("gguf", "q4_k_m") == nominal["gguf"] + phi4.bf16_bytes + logits
     refused = preflight.estimate(targets.load("bnb"), "nf4", phi4, windows, 10**12, 5 * preflight.GiB)["refusal"]
-    assert refused == "bnb nf4 needs ~7.8 GiB of free disk, there are 5.0 GiB"
+    assert refused == "bnb nf4 needs ~11.3 GiB of free disk, there are 5.0 GiB"
+    # torchao stores each int4 value in a byte: its checkpoint is 2.34x the nominal 4.5 bits (Phi-4-mini's shape)
+    assert disk("torchao", "8da4w") > 2.3 * preflight.artifact_bytes(targets.load("torchao"), "8da4w", phi4)
 
 
 def test_an_export_that_takes_long_on_a_cpu_says_so_up_front():

@@ -145,6 +145,9 @@ class Memory:
     tensor_copies: float = 0
     # copies of the source's bf16 bytes the export writes to disk on the way, beside the artifact (pre-flight's disk)
     scratch: float = 1.0
+    # the artifact's bytes on disk per nominal byte (its bits x the parameters), for pre-flight's disk: more where
+    # the format stores some tensors wider than its nominal bits
+    stored: float = 1.0
 
 
 Generate = Callable[[list[int], int], int]
