@@ -82,15 +82,15 @@ def load_source(folder: Path, **settings: Any) -> Any:
     transformers maps every file of the checkpoint and keeps the maps until the whole model is loaded, so every page
     it has read counts in the process's resident memory on top of the converted copies it keeps: 8 of the 14 GiB
     torchao's export peaked at on Phi-4-mini's shape. safetensors' ``pread`` backend hands the loader the same lazy
-    tensors, each read into memory the loader owns and frees; the file's pages stay in the kernel's page cache."""
+    tensors, each read into memory the loader owns and frees; the file's pages stay in the kernel's page cache.
+    The exports load the source this way, and the runtimes (``load``) their artifact."""
     from contextlib import ExitStack
 
     from safetensors import safe_open
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
 
-    config = AutoConfig.from_pretrained(folder)
+    config, files = AutoConfig.from_pretrained(folder), weights.files(folder)
     with ExitStack() as stack:
-        files = weights.files(folder)
         handles = [stack.enter_context(safe_open(str(f), framework="pt", backend="pread")) for f in files]
         state = {name: handle.get_slice(name) for handle in handles for name in handle.keys()}
         # a state dict goes to the model's class: AutoModel deep-copies its keywords, which lazy tensors refuse
