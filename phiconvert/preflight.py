@@ -148,19 +148,28 @@ def check(src: source.Source, pairs: list[Any], windows: list[tuple[int, int]], 
     for pair in pairs:
         estimates.append(estimate(pair.adapter, pair.precision, shape, windows, memory, disk, pair.options))
         notes.append(export_time_note(pair, shape))
-        slow = pair.adapter.linux_cpu_speed
-        if slow and sys.platform == "linux":
-            seconds = shape.parameters * (tokens / slow[0] + smoke_tokens / slow[1])
-            if seconds > 300:
-                took = f"~{math.ceil(seconds / 60)} min"
-                notes.append(f"{pair.adapter.name} runs on this CPU at {slow[1] / shape.parameters:.2f} tokens/s for "
-                             "this model (a backend for other hardware): "
-                             + (f"its smoke test and verification take {took}; --verify none leaves the comparison "
-                                "out" if tokens else f"its smoke test takes {took}"))  # fmt: skip
+        notes.append(runtime_time_note(pair.adapter, shape, tokens, smoke_tokens))
     for note in dict.fromkeys(note for note in notes if note):  # once each: a target's precisions share some
         emit({"stage": "plan", "status": "note", "message": note})
     return {"parameters": shape.parameters, "bf16_bytes": shape.bf16_bytes, "memory_available": memory,
             "disk_free": disk, "reference": reference, "windows": windows, "pairs": estimates}  # fmt: skip
+
+
+def runtime_time_note(adapter: Any, shape: Shape, tokens: int, smoke_tokens: int) -> str | None:
+    """How long the smoke test and verification take on this CPU, from the runtime's declared speed, when it is far
+    slower than the others (``linux_cpu_speed``) and that is more than a few minutes."""
+    slow = adapter.linux_cpu_speed
+    if not slow or sys.platform != "linux":
+        return None
+    seconds = shape.parameters * (tokens / slow[0] + smoke_tokens / slow[1])
+    if seconds <= 300:
+        return None
+    return (
+        f"{adapter.name} generates ~{slow[1] / shape.parameters:.2f} tokens/s for this model on a 2-core CPU "
+        "(measured on Linux): "
+        + (f"its smoke test and verification take {took(seconds)}; --verify none leaves the comparison out"
+           if tokens else f"its smoke test takes {took(seconds)}")
+    )  # fmt: skip
 
 
 def export_time_note(pair: Any, shape: Shape) -> str | None:

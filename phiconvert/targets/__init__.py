@@ -284,9 +284,9 @@ class Target:
     # where an option changes the work (gptq --method autoround): (those option values, the Memory measured with
     # them); the first whose values the run's options all have replaces ``memory``
     memory_when: tuple[tuple[dict[str, Any], Memory], ...] = ()
-    # where the runtime is far slower on a Linux CPU than the others (a backend meant for other hardware): its
-    # measured (prompt, generation) speed in weights x tokens per second, so the run says up front how long the
-    # smoke test and verification will take
+    # where the runtime is far slower on a Linux CPU than the others (mlx's backend meant for other hardware,
+    # torchao's dequantization at every call): its (prompt, generation) speed in weights x tokens per second,
+    # measured on a 2-core CPU, so the run says up front how long the smoke test and verification will take
     linux_cpu_speed: tuple[float, float] | None = None
     # variant name -> what it is: logits() may also yield ((variant, window), start, logits) for a way the stock
     # runtime computes differently from what verification applies; each is measured against the source and

@@ -285,6 +285,9 @@ TARGET = Target(
     # export's leftover in the same worker; 11.4-12.2 GiB when they were dequantized whole at every call)
     # the shards are the artifact, 2.34x its nominal bytes on Phi-4-mini's shape (an int4 value in a byte)
     memory=Memory(export=(0.65, 1.75), runtime=(2.35, 1.6), scratch=0, stored=2.35),
+    # 2026-12-07, on huge pages: 448 prompt tokens in 33 s (Phi-4-mini) and 126 s (Phi-4); 48 new tokens in 166 s
+    # and 796 s: Phi-4's 48-token smoke test takes 13 minutes
+    linux_cpu_speed=(5.2e10, 9e8),
     # PyTorch's CPU allocator asks for huge pages for tensors of 2 MB and more: torchao dequantizes every weight at
     # every call into new float32 tensors, each page of which the kernel otherwise faults in and zeroes 4 KiB at a
     # time. Phi-4-mini (2026-12-07): export 54.6 -> 25.1 s; a fresh runtime 12.7-14.5 -> 3.2-4.0 s per token
