@@ -198,11 +198,13 @@ def return_freed_blocks(threshold: int = 1 << 20) -> None:
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
 
 
-def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
-    """transformers' float32 CPU load, in both modes (the exact one is the only one these formats have here)."""
+def open_runtime(artifact: Path, exact: bool = True, loader: Any = None) -> Runtime:
+    """transformers' float32 CPU load, in both modes (the exact one is the only one these formats have here).
+    ``loader`` replaces ``load`` for a format that changes the loaded model (torchao's rows); the default is looked
+    up at each call, so a patched ``load`` is the one used."""
     from transformers import AutoTokenizer
 
-    return model_runtime(load(artifact), AutoTokenizer.from_pretrained(artifact), artifact)
+    return model_runtime((loader or load)(artifact), AutoTokenizer.from_pretrained(artifact), artifact)
 
 
 def model_runtime(model: Any, tokenizer: Any, artifact: Path) -> Runtime:
@@ -254,8 +256,8 @@ def pick(logits: Any, sampling: Sampling, generator: Any) -> int:
     return int(order[keep][chosen])
 
 
-def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
-    return logits_with(load(artifact), sequences)
+def logits(artifact: Path, sequences: list[list[int]], loader: Any = None) -> Logits:
+    return logits_with((loader or load)(artifact), sequences)
 
 
 def logits_with(model: Any, sequences: list[list[int]]) -> Logits:

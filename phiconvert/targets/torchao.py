@@ -19,10 +19,8 @@ from phiconvert.targets import (
     GROUP_SIZE,
     SYM,
     ExportJob,
-    Logits,
     Memory,
     Precision,
-    Runtime,
     Signature,
     Target,
     hf_common,
@@ -231,17 +229,6 @@ def linear_rows(module: Any, rows: int, hidden: Any) -> Any:
     return out
 
 
-def open_runtime(artifact: Path, exact: bool = True) -> Runtime:
-    """transformers' float32 CPU load (the only mode this format has here), its large modules applied by rows."""
-    from transformers import AutoTokenizer
-
-    return hf_common.model_runtime(load(artifact), AutoTokenizer.from_pretrained(artifact), artifact)
-
-
-def logits(artifact: Path, sequences: list[list[int]]) -> Logits:
-    return hf_common.logits_with(load(artifact), sequences)
-
-
 def export(job: ExportJob) -> dict[str, Any]:
     chosen = settings(job.options)
     model = quantize(job.source, chosen)
@@ -276,8 +263,8 @@ TARGET = Target(
     library="transformers",
     default_precision="8da4w",
     export=export,
-    open=open_runtime,
-    logits=logits,
+    open=partial(hf_common.open_runtime, loader=load),
+    logits=partial(hf_common.logits, loader=load),
     # measured on Phi-4-mini 8da4w in one `--verify quick` run of 2026-12-07 (nominal artifact 2.01 GiB, the
     # checkpoint 4.71 GiB: torchao keeps an int4 value in a byte): export 6.08 GiB (the quantized model, 0.58x the
     # source, a module's float32 slice and a shard's clones; 18.26 GiB on Phi-4's shape, outside a worker); smoke
