@@ -26,6 +26,8 @@ REFERENCE_BASE = 0.9 * GiB
 # a CPU evaluates about this many weight-tokens per second in float32 (2 cores, measured on Phi-4-mini's shape:
 # 3.84 B weights x 4352 tokens in 307 s): used to say how long verification takes, not to refuse anything
 WEIGHT_TOKENS_PER_SECOND = 5.4e10
+# the plan says how long an export or a slow runtime's stages will take when it is more than this many seconds
+SAY_AFTER = 300
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ def runtime_time_note(adapter: Any, shape: Shape, tokens: int, smoke_tokens: int
     if not slow or sys.platform != "linux":
         return None
     seconds = shape.parameters * (tokens / slow[0] + smoke_tokens / slow[1])
-    if seconds <= 300:
+    if seconds <= SAY_AFTER:
         return None
     return (
         f"{adapter.name} generates ~{slow[1] / shape.parameters:.2f} tokens/s for this model on a 2-core CPU "
@@ -190,7 +192,7 @@ def export_time_note(pair: Any, shape: Shape) -> str | None:
     if not speed or chosen - {"device"} or options.get("device") in ("cuda", "mps"):
         return None
     seconds = shape.parameters / speed
-    if seconds <= 300:
+    if seconds <= SAY_AFTER:
         return None
     gpu = " (or a GPU: --device)" if "device" in declared else ""
     quicker = ""
