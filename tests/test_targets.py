@@ -139,13 +139,14 @@ def test_sampling_picks_within_top_p_and_repeats_with_its_seed():
 
 
 def test_a_worker_starts_with_the_environment_its_target_declares(monkeypatch):
-    """torchao's worker starts with PyTorch's huge-page allocation on (read once, when the process starts: setting
-    it later does nothing); a variable the user set wins, and other workers get none of it."""
+    """torchao's and bnb's workers start with PyTorch's huge-page allocation on (read once, when the process
+    starts: setting it later does nothing); a variable the user set wins, and other workers get none of it."""
     from phiconvert import workers
 
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     assert workers.worker_env("torchao")["THP_MEM_ALLOC_ENABLE"] == "1"
-    assert "THP_MEM_ALLOC_ENABLE" not in workers.worker_env("bnb")
+    assert workers.worker_env("bnb")["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert "THP_MEM_ALLOC_ENABLE" not in workers.worker_env("gguf")
     assert "THP_MEM_ALLOC_ENABLE" not in workers.worker_env("source") | workers.worker_env()
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
     assert workers.worker_env("torchao")["THP_MEM_ALLOC_ENABLE"] == "0"
