@@ -3,6 +3,7 @@ models, in one job. Prints one table and writes it as JSON.
 
     python bench/realsize.py --shape phi4-mini [--targets openvino,gguf:q4_k_m,...] [--verify quick]
                              [--workdir DIR] [--llama-cpp DIR] [--json realsize.json] [--no-anchors]
+                             [--option awq:--no-clip ...]
 
 The checkpoint is built on the fly (``bench/shapes.py``: random bf16 weights, the real vocabulary size) and kept in
 the work folder for the next run. Each command runs as its own process tree: wall time, and peak RSS of its
@@ -58,12 +59,13 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def phiconvert_run(checkpoint: Path, target: str, precision: str | None, verify: str, work: Path) -> dict:
-    """phiconvert itself: the whole run, and its report's stages (its JSON is printed even when it fails)."""
+def phiconvert_run(checkpoint: Path, target: str, precision: str | None, verify: str, work: Path, flags: list) -> dict:
+    """phiconvert itself: the whole run, and its report's stages (its JSON is printed even when it fails); ``flags``
+    are the target's own options (``--option``), which the anchor reads back from the report's settings."""
     out = work / f"phiconvert-{target}-{precision}"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "phiconvert", str(checkpoint), "--target", target, "--output", str(out),
-               "--verify", verify, "--json"] + (["--precision", precision] if precision else [])  # fmt: skip
+               "--verify", verify, "--json", *flags] + (["--precision", precision] if precision else [])  # fmt: skip
     log, printed = work / f"phiconvert-{target}-{precision}.log", work / f"phiconvert-{target}-{precision}.json"
     result = measure(command, log, printed)
     report, error = None, None
@@ -266,7 +268,8 @@ def print_table(rows: list[dict], shape: str, bf16: int) -> None:
         if anchor.get("skipped") or anchor.get("code"):
             note = (note + "; " if note else "") + (anchor.get("skipped") or f"anchor exit {anchor['code']}")
         table.add_row(
-            f"{r['target']} {r['precision'] or ''}", fmt(r["export_s"], ".0f"), fmt(anchor.get("seconds"), ".0f"),
+            " ".join([r["target"], r["precision"] or "", *r["flags"]]), fmt(r["export_s"], ".0f"),
+            fmt(anchor.get("seconds"), ".0f"),
             fmt(r["export_time_vs_anchor"], ".2f"), fmt(r["export_peak_rss"], ".2f", GiB),
             fmt(r["export_peak_x_bf16"], ".2f"), fmt(anchor.get("peak_rss"), ".2f", GiB),
             fmt(r["reference_peak_x_bf16"], ".2f"), fmt(r["verification_s"], ".0f"),
@@ -284,6 +287,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("realsize-work"), help="checkpoint and scratch folder")
     parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp source tree (for convert_hf_to_gguf.py)")
     parser.add_argument("--no-anchors", action="store_true", help="run phiconvert only")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="TARGET:FLAG",
+        help="a phiconvert flag for one target, repeatable: awq:--no-clip, gptq:--group-size=64",
+    )
     parser.add_argument("--json", type=Path, default=Path("realsize.json"), help="where to write the results")
     args = parser.parse_args()
 
@@ -297,13 +307,14 @@ def main() -> None:
     rows = []
     for item in [t.strip() for t in args.targets.split(",") if t.strip()]:
         target, _, precision = item.partition(":")
-        print(f"phiconvert {target} {precision or '(default)'} ...", flush=True)
-        ours = phiconvert_run(checkpoint, target, precision or None, args.verify, args.workdir)
+        flags = [flag for owner, _, flag in (o.partition(":") for o in args.option) if owner == target]
+        print(f"phiconvert {target} {precision or '(default)'} {' '.join(flags)}...", flush=True)
+        ours = phiconvert_run(checkpoint, target, precision or None, args.verify, args.workdir, flags)
         anchor = {"skipped": "--no-anchors"}
         if not args.no_anchors:
             print(f"anchor for {target} ...", flush=True)
             anchor = anchor_run(target, ours["report"], checkpoint, args.workdir, args.llama_cpp)
-        rows.append(row(target, precision or None, ours, anchor, bf16))
+        rows.append(row(target, precision or None, ours, anchor, bf16) | {"flags": flags})
         result = {"shape": args.shape, "parameters": parameters, "bf16_bytes": bf16, "verify": args.verify,
                   "date": time.strftime("%Y-%m-%d"), "rows": rows}  # fmt: skip
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")  # after each row: a long job's progress

@@ -149,10 +149,12 @@ def test_a_failed_verification_prints_its_whole_report(tmp_path):
 
 @pytest.mark.slow
 def test_realsize_bench_runs_on_a_tiny_shape(tmp_path):
-    """bench/realsize.py keeps working: phiconvert and the anchor at the same settings, one table, JSON."""
+    """bench/realsize.py keeps working: phiconvert and the anchor at the same settings (a flag given to one target
+    reaches its anchor through the report), one table, JSON."""
     out = tmp_path / "realsize.json"
     command = [sys.executable, str(ROOT / "bench" / "realsize.py"), "--shape", "tiny", "--targets", "mlx,gguf:q8_0",
-               "--verify", "quick", "--workdir", str(tmp_path / "work"), "--json", str(out)]  # fmt: skip
+               "--verify", "quick", "--workdir", str(tmp_path / "work"), "--json", str(out),
+               "--option", "mlx:--group-size=32"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -161,6 +163,8 @@ def test_realsize_bench_runs_on_a_tiny_shape(tmp_path):
         assert r["export_s"] > 0 and r["reference_peak_rss"] > 0 and r["verification_s"] > 0
     assert rows[0]["error"].startswith("verification failed for mlx 4bit")
     assert rows[0]["anchor"]["code"] == 0 and rows[0]["export_time_vs_anchor"] > 0
+    assert rows[0]["flags"] == ["--group-size=32"] and rows[1]["flags"] == []
+    assert "--q-group-size 32" in rows[0]["anchor"]["commands"][0]
     assert "pass --llama-cpp" in rows[1]["anchor"]["skipped"]
     assert "time vs anchor" in result.stdout
 
