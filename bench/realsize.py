@@ -2,7 +2,7 @@
 models, in one job. Prints one table and writes it as JSON.
 
     python bench/realsize.py --shape phi4-mini [--targets openvino,gguf:q4_k_m,...] [--verify quick]
-                             [--workdir DIR] [--llama-cpp DIR] [--json realsize.json] [--no-anchors]
+                             [--workdir DIR] [--llama-cpp DIR] [--json realsize.json] [--no-anchors [TARGETS]]
                              [--option awq:--no-clip ...]
 
 The checkpoint is built on the fly (``bench/shapes.py``: random bf16 weights, the real vocabulary size) and kept in
@@ -16,8 +16,9 @@ Anchors, at the settings phiconvert's report says it used: optimum-cli (openvino
 builder (ort-genai), mlx_lm.convert (mlx), llama.cpp's convert_hf_to_gguf.py + its quantizer (gguf; needs a
 llama.cpp source tree, ``--llama-cpp``: the llama-cpp-python sdist's vendor/llama.cpp is one), AutoRound's
 round-to-nearest to the GPTQ/AWQ formats (gptq, awq; in the managed environment), transformers' own quantized
-load and save with phiconvert's torchao configs (torchao; bnb's export is that route itself, no anchor). One job
-at a time: on a 24 GiB machine two would measure each other.
+load and save with phiconvert's torchao configs (torchao); none for bnb and executorch, whose exports are their
+toolchain's own route. ``--no-anchors ort-genai`` leaves out one anchor (the builder's ``k_quant_mixed`` is killed
+by the OOM killer on Phi-4-mini's shape here). One job at a time: on a 24 GiB machine two would measure each other.
 """
 
 from __future__ import annotations
@@ -88,72 +89,105 @@ def stage(report: dict | None, *names: str) -> dict:
     return {"seconds": sum(s["seconds"] for s in found), "peak_rss": max(s["peak_rss"] or 0 for s in found)}
 
 
-def anchor_command(target: str, report: dict, checkpoint: Path, out: Path, llama_cpp: Path | None) -> list:
-    """The anchor tool's command(s) at the settings phiconvert's report recorded (LookupError: none here)."""
+# Each anchor: the tool a user would otherwise run, as command lines at the settings phiconvert's report recorded
+# (``report["details"]["settings"]``); LookupError when it cannot run here. One function per target, in ANCHORS.
+
+
+def settings_of(report: dict) -> dict:
+    return report.get("details", {}).get("settings", {})
+
+
+def openvino_anchor(report: dict, checkpoint: Path, out: Path, llama_cpp: Path | None) -> list:
+    settings, weight = settings_of(report), report["precision"]
+    command = [str(Path(sys.executable).parent / "optimum-cli"), "export", "openvino", "--model", str(checkpoint),
+               "--task", "text-generation-with-past", "--weight-format", weight]  # fmt: skip
+    if weight == "int4":
+        command += ["--group-size", str(settings["group_size"]), "--ratio", str(settings.get("ratio", 1.0))]
+        command += ["--sym"] if settings.get("sym") else []
+        command += ["--awq"] if settings.get("awq") else []
+        command += ["--scale-estimation"] if settings.get("scale_estimation") else []
+        command += ["--dataset", "auto"] if settings.get("calibration_samples") else []
+    return [[*command, str(out)]]
+
+
+def ort_genai_anchor(report: dict, checkpoint: Path, out: Path, llama_cpp: Path | None) -> list:
     details = report.get("details", {})
-    settings = details.get("settings", {})
-    python = sys.executable
-    if target == "openvino":
-        weight = report["precision"]
-        command = [str(Path(python).parent / "optimum-cli"), "export", "openvino", "--model", str(checkpoint), "--task",
-                   "text-generation-with-past", "--weight-format", weight]  # fmt: skip
-        if weight == "int4":
-            command += ["--group-size", str(settings["group_size"]), "--ratio", str(settings.get("ratio", 1.0))]
-            command += ["--sym"] if settings.get("sym") else []
-            command += ["--awq"] if settings.get("awq") else []
-            command += ["--scale-estimation"] if settings.get("scale_estimation") else []
-            command += ["--dataset", "auto"] if settings.get("calibration_samples") else []
-        return [[*command, str(out)]]
-    if target == "ort-genai":
-        options = details.get("anchor_builder_options", details.get("builder_options", []))
-        command = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out), "-p",
-                   report["precision"], "-e", settings.get("ep", "cpu"), "-c", str(out) + "-cache"]  # fmt: skip
-        return [[*command, "--extra_options", *options] if options else command]
-    if target == "mlx":
-        command = [python, "-m", "mlx_lm", "convert", "--hf-path", str(checkpoint), "--mlx-path", str(out)]
-        if settings.get("bits"):
-            command += ["-q", "--q-bits", str(settings["bits"]), "--q-group-size", str(settings["group_size"])]
-        return [command]
-    if target == "gguf":
-        if llama_cpp is None:
-            raise LookupError("pass --llama-cpp DIR (a llama.cpp source tree) for llama.cpp's own route")
-        f16 = str(out) + "-f16.gguf"
-        # llama.cpp names a BPE pre-tokenizer by hashing how it splits a test text; the benchmark's synthetic
-        # tokenizer hashes to nothing it knows, so it is named as the real Phi-4-mini's is (the tokenizer's share of
-        # the conversion's time and memory is negligible)
-        code = (
-            "import sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[1:]; import convert_hf_to_gguf as c, "
-            "conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-4o'; c.main()"
-        )
-        convert = [python, "-c", code, str(llama_cpp), str(checkpoint), "--outtype", "f16", "--outfile", f16]
-        ftype = "LLAMA_FTYPE_MOSTLY_" + report["precision"].upper()
-        quantize = [python, "-c", "import ctypes, sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); "
-                    f"p.ftype = l.{ftype}; p.nthread = {os.cpu_count()}; "
-                    "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))",
-                    f16, str(out) + ".gguf"]  # fmt: skip
-        return [convert, quantize] if ftype.endswith(("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")) else [convert]
-    if target in ("gptq", "awq"):
+    options = details.get("anchor_builder_options", details.get("builder_options", []))
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out), "-p",
+               report["precision"], "-e", settings_of(report).get("ep", "cpu"), "-c", str(out) + "-cache"]  # fmt: skip
+    return [[*command, "--extra_options", *options] if options else command]
+
+
+def mlx_anchor(report: dict, checkpoint: Path, out: Path, llama_cpp: Path | None) -> list:
+    settings = settings_of(report)
+    command = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(checkpoint), "--mlx-path", str(out)]
+    if settings.get("bits"):
+        command += ["-q", "--q-bits", str(settings["bits"]), "--q-group-size", str(settings["group_size"])]
+    return [command]
+
+
+def gguf_anchor(report: dict, checkpoint: Path, out: Path, llama_cpp: Path | None) -> list:
+    if llama_cpp is None:
+        raise LookupError("pass --llama-cpp DIR (a llama.cpp source tree) for llama.cpp's own route")
+    python, f16 = sys.executable, str(out) + "-f16.gguf"
+    # llama.cpp names a BPE pre-tokenizer by hashing how it splits a test text; the benchmark's synthetic tokenizer
+    # hashes to nothing it knows, so it is named as the real Phi-4-mini's is (the tokenizer's share of the
+    # conversion's time and memory is negligible)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[1:]; import convert_hf_to_gguf as c, "
+        "conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-4o'; c.main()"
+    )
+    convert = [python, "-c", code, str(llama_cpp), str(checkpoint), "--outtype", "f16", "--outfile", f16]
+    ftype = "LLAMA_FTYPE_MOSTLY_" + report["precision"].upper()
+    quantize = [python, "-c", "import ctypes, sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); "
+                f"p.ftype = l.{ftype}; p.nthread = {os.cpu_count()}; "
+                "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))",
+                f16, str(out) + ".gguf"]  # fmt: skip
+    return [convert, quantize] if ftype.endswith(("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")) else [convert]
+
+
+def autoround_anchor(fmt: str):
+    """AutoRound's round-to-nearest to ``fmt`` (gptq, awq), in the managed environment where AutoRound lives."""
+
+    def anchor(report: dict, checkpoint: Path, out: Path, llama_cpp: Path | None) -> list:
         from phiconvert import envs
 
-        managed = envs.python("gptq")
+        managed, settings = envs.python("gptq"), settings_of(report)
         if managed is None:
             raise LookupError("AutoRound lives in the managed environment: phiconvert setup gptq")
-        fmt = "auto_gptq" if target == "gptq" else "auto_awq"
         code = ("import sys; from auto_round import AutoRound; AutoRound(sys.argv[1], scheme='W4A16', iters=0, "
                 f"group_size={settings.get('group_size', 128)}, sym={bool(settings.get('sym', True))}, "
                 "device_map='cpu', enable_torch_compile=False, disable_opt_rtn=True)"
                 f".quantize_and_save(sys.argv[2], format='{fmt}')")  # fmt: skip
         return [[str(managed), "-c", code, str(checkpoint), str(out)]]
-    if target == "torchao":
-        # transformers' own quantize-on-load and save, with phiconvert's configs, from an untied copy (made before
-        # the timing: transformers would quantize a tied head as the embedding)
-        chosen = {k: v for k, v in report.get("options", {}).items() if k in ("group_size", "sym")}
-        code = ("import sys, torch; from transformers import AutoModelForCausalLM; from phiconvert.targets import "
-                f"torchao; c = torchao.quantization_config(torchao.settings({chosen!r})); AutoModelForCausalLM"
-                ".from_pretrained(sys.argv[1], dtype=torch.float32, device_map='cpu', quantization_config=c)"
-                ".save_pretrained(sys.argv[2])")  # fmt: skip
-        return [[python, "-c", code, str(untied(checkpoint, Path(str(out) + "-untied"))), str(out)]]
-    raise LookupError(f"no anchor for {target}: its export is transformers' own quantized load and save")
+
+    return anchor
+
+
+def torchao_anchor(report: dict, checkpoint: Path, out: Path, llama_cpp: Path | None) -> list:
+    # transformers' own quantize-on-load and save, with phiconvert's configs, from an untied copy (made before the
+    # timing: transformers would quantize a tied head as the embedding)
+    chosen = {k: v for k, v in report.get("options", {}).items() if k in ("group_size", "sym")}
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM; from phiconvert.targets import "
+            f"torchao; c = torchao.quantization_config(torchao.settings({chosen!r})); AutoModelForCausalLM"
+            ".from_pretrained(sys.argv[1], dtype=torch.float32, device_map='cpu', quantization_config=c)"
+            ".save_pretrained(sys.argv[2])")  # fmt: skip
+    return [[sys.executable, "-c", code, str(untied(checkpoint, Path(str(out) + "-untied"))), str(out)]]
+
+
+ANCHORS = {
+    "openvino": openvino_anchor,  # optimum-cli
+    "ort-genai": ort_genai_anchor,  # the onnxruntime-genai model builder
+    "mlx": mlx_anchor,  # mlx_lm.convert
+    "gguf": gguf_anchor,  # llama.cpp's convert_hf_to_gguf.py + its quantizer
+    "gptq": autoround_anchor("auto_gptq"),
+    "awq": autoround_anchor("auto_awq"),
+    "torchao": torchao_anchor,  # transformers' quantize-on-load
+}
+NO_ANCHOR = {
+    "bnb": "no anchor: bnb's export is transformers' own quantized load and save",
+    "executorch": "no anchor: phiconvert runs ExecuTorch's own export_llama",
+}
 
 
 def untied(checkpoint: Path, folder: Path) -> Path:
@@ -187,8 +221,10 @@ def anchor_run(target: str, report: dict | None, checkpoint: Path, work: Path, l
     if not report:
         return {"skipped": "phiconvert produced no report to take the settings from"}
     out = work / f"anchor-{target}"
+    if target not in ANCHORS:
+        return {"skipped": NO_ANCHOR.get(target, f"no anchor for {target}")}
     try:
-        commands = anchor_command(target, report, checkpoint, out, llama_cpp)
+        commands = ANCHORS[target](report, checkpoint, out, llama_cpp)
     except LookupError as why:
         return {"skipped": str(why)}
     total = {"seconds": 0.0, "peak_rss": 0, "code": 0, "commands": [" ".join(c) for c in commands]}
@@ -286,7 +322,8 @@ def main() -> None:
     parser.add_argument("--verify", choices=["full", "quick", "none"], default="full")
     parser.add_argument("--workdir", type=Path, default=Path("realsize-work"), help="checkpoint and scratch folder")
     parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp source tree (for convert_hf_to_gguf.py)")
-    parser.add_argument("--no-anchors", action="store_true", help="run phiconvert only")
+    parser.add_argument("--no-anchors", nargs="?", const="all", default="", metavar="TARGETS",
+                        help="run phiconvert only, for every target or those named (comma-separated)")  # fmt: skip
     parser.add_argument(
         "--option",
         action="append",
@@ -311,7 +348,7 @@ def main() -> None:
         print(f"phiconvert {target} {precision or '(default)'} {' '.join(flags)}...", flush=True)
         ours = phiconvert_run(checkpoint, target, precision or None, args.verify, args.workdir, flags)
         anchor = {"skipped": "--no-anchors"}
-        if not args.no_anchors:
+        if not {"all", target} & set(args.no_anchors.split(",")):
             print(f"anchor for {target} ...", flush=True)
             anchor = anchor_run(target, ours["report"], checkpoint, args.workdir, args.llama_cpp)
         rows.append(row(target, precision or None, ours, anchor, bf16) | {"flags": flags})
