@@ -33,11 +33,12 @@ import sys
 import time
 from pathlib import Path
 
+from phiconvert import targets
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shapes  # noqa: E402
 
 GiB = 2**30
-DEFAULT_TARGETS = "openvino,ort-genai,mlx,gguf,gptq,awq,bnb,torchao"
 
 
 def measure(command: list[str], log: Path, stdout: Path | None = None) -> dict:
@@ -318,7 +319,9 @@ def print_table(rows: list[dict], shape: str, bf16: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(shapes.SHAPES), default="phi4-mini")
-    parser.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated target[:precision] (default all)")
+    parser.add_argument(
+        "--targets", default=",".join(targets.names()), help="comma-separated target[:precision] (default all)"
+    )
     parser.add_argument("--verify", choices=["full", "quick", "none"], default="full")
     parser.add_argument("--workdir", type=Path, default=Path("realsize-work"), help="checkpoint and scratch folder")
     parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp source tree (for convert_hf_to_gguf.py)")
