@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from phiconvert import targets
@@ -147,22 +148,18 @@ def gguf_anchor(report: dict, checkpoint: Path, out: Path, llama_cpp: Path | Non
     return [convert, quantize] if ftype.endswith(("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")) else [convert]
 
 
-def autoround_anchor(fmt: str):
+def autoround_anchor(fmt: str, report: dict, checkpoint: Path, out: Path, llama_cpp: Path | None) -> list:
     """AutoRound's round-to-nearest to ``fmt`` (gptq, awq), in the managed environment where AutoRound lives."""
+    from phiconvert import envs
 
-    def anchor(report: dict, checkpoint: Path, out: Path, llama_cpp: Path | None) -> list:
-        from phiconvert import envs
-
-        managed, settings = envs.python("gptq"), settings_of(report)
-        if managed is None:
-            raise LookupError("AutoRound lives in the managed environment: phiconvert setup gptq")
-        code = ("import sys; from auto_round import AutoRound; AutoRound(sys.argv[1], scheme='W4A16', iters=0, "
-                f"group_size={settings.get('group_size', 128)}, sym={bool(settings.get('sym', True))}, "
-                "device_map='cpu', enable_torch_compile=False, disable_opt_rtn=True)"
-                f".quantize_and_save(sys.argv[2], format='{fmt}')")  # fmt: skip
-        return [[str(managed), "-c", code, str(checkpoint), str(out)]]
-
-    return anchor
+    managed, settings = envs.python("gptq"), settings_of(report)
+    if managed is None:
+        raise LookupError("AutoRound lives in the managed environment: phiconvert setup gptq")
+    code = ("import sys; from auto_round import AutoRound; AutoRound(sys.argv[1], scheme='W4A16', iters=0, "
+            f"group_size={settings.get('group_size', 128)}, sym={bool(settings.get('sym', True))}, "
+            "device_map='cpu', enable_torch_compile=False, disable_opt_rtn=True)"
+            f".quantize_and_save(sys.argv[2], format='{fmt}')")  # fmt: skip
+    return [[str(managed), "-c", code, str(checkpoint), str(out)]]
 
 
 def torchao_anchor(report: dict, checkpoint: Path, out: Path, llama_cpp: Path | None) -> list:
@@ -181,8 +178,8 @@ ANCHORS = {
     "ort-genai": ort_genai_anchor,  # the onnxruntime-genai model builder
     "mlx": mlx_anchor,  # mlx_lm.convert
     "gguf": gguf_anchor,  # llama.cpp's convert_hf_to_gguf.py + its quantizer
-    "gptq": autoround_anchor("auto_gptq"),
-    "awq": autoround_anchor("auto_awq"),
+    "gptq": partial(autoround_anchor, "auto_gptq"),
+    "awq": partial(autoround_anchor, "auto_awq"),
     "torchao": torchao_anchor,  # transformers' quantize-on-load
 }
 NO_ANCHOR = {
@@ -221,9 +218,9 @@ def untied(checkpoint: Path, folder: Path) -> Path:
 def anchor_run(target: str, report: dict | None, checkpoint: Path, work: Path, llama_cpp: Path | None) -> dict:
     if not report:
         return {"skipped": "phiconvert produced no report to take the settings from"}
-    out = work / f"anchor-{target}"
     if target not in ANCHORS:
         return {"skipped": NO_ANCHOR.get(target, f"no anchor for {target}")}
+    out = work / f"anchor-{target}"
     try:
         commands = ANCHORS[target](report, checkpoint, out, llama_cpp)
     except LookupError as why:
@@ -336,6 +333,9 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=Path("realsize.json"), help="where to write the results")
     args = parser.parse_args()
+    unknown = sorted({o.partition(":")[0] for o in args.option} - set(targets.names()))
+    if unknown:  # a mistyped target would otherwise run without its flag (awq's clip search: an hour more)
+        parser.error(f"--option takes TARGET:FLAG with a target of {', '.join(targets.names())}, not {unknown[0]!r}")
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = args.workdir / args.shape
